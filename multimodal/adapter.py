@@ -1,0 +1,113 @@
+"""LLaMA-Adapter V2 pieces that sit on the frozen base: tuned linears, gated prompts, and the one
+predicate that decides what is trainable and what an adapter checkpoint holds."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class AdaptedLinear(nn.Linear):
+    """A frozen ``nn.Linear`` weight plus what V2 tunes on it.
+
+    y = scale * (W x + b + B A x). ``b`` starts at zero, ``scale`` at one and the LoRA up-projection
+    ``B`` at zero, so a fresh layer computes exactly W x. Subclassing nn.Linear keeps the base weight
+    visible to weight-only quantisation libraries that look for nn.Linear.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, scale: bool = False,
+                 lora_rank: int = 0, device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self._extras = (scale, lora_rank)
+        kw = {"device": self.weight.device, "dtype": self.weight.dtype}
+        self.scale = nn.Parameter(torch.empty(out_features, **kw)) if scale else None
+        self.lora_a = nn.Parameter(torch.empty(lora_rank, in_features, **kw)) if lora_rank else None
+        self.lora_b = nn.Parameter(torch.empty(out_features, lora_rank, **kw)) if lora_rank else None
+        self.reset_adapter_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def reset_adapter_parameters(self) -> None:
+        """Initialise only the tuned parts (the base weight is loaded from a checkpoint)."""
+        with torch.no_grad():
+            if self.bias is not None:
+                self.bias.zero_()
+            if self.scale is not None:
+                self.scale.fill_(1.0)
+            if self.lora_a is not None:
+                nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+                self.lora_b.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora_a is not None:
+            y = y + F.linear(F.linear(x, self.lora_a), self.lora_b)
+        if self.scale is not None:
+            y = y * self.scale
+        return y
+
+    def extra_repr(self) -> str:
+        scale, rank = self._extras
+        return f"{super().extra_repr()}, scale={scale}, lora_rank={rank}"
+
+
+@dataclass
+class PromptKV:
+    """Keys, values and gate of one layer's prompt. They do not depend on the text, so they are
+    computed once per image and reused for every token."""
+
+    k: torch.Tensor  # [B, n_kv_heads, P, head_dim]
+    v: torch.Tensor  # [B, n_kv_heads, P, head_dim]
+    gate: torch.Tensor  # [1, n_heads, 1, 1]: tanh(gate) (* new_gate)
+
+
+class PromptGate(nn.Module):
+    """Zero-initialised per-head gate of a prompted layer (official names: ``gate``, ``new_gate``)."""
+
+    def __init__(self, n_heads: int, new_gate: bool) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.zeros(1, n_heads, 1, 1))
+        self.new_gate = nn.Parameter(torch.ones(1, 1, 1, 1)) if new_gate else None
+
+    def reset_adapter_parameters(self) -> None:
+        with torch.no_grad():
+            self.gate.zero_()
+            if self.new_gate is not None:
+                self.new_gate.fill_(1.0)
+
+    def forward(self) -> torch.Tensor:
+        g = torch.tanh(self.gate)
+        return g * self.new_gate if self.new_gate is not None else g
+
+
+# --- what is trained and saved ------------------------------------------------------------------------
+
+_TUNED_SUFFIXES = (".bias", ".scale", ".lora_a", ".lora_b", ".gate", ".new_gate")
+
+
+def is_trainable(name: str) -> bool:
+    """True for every parameter that V2 tunes, and so that an adapter checkpoint stores.
+
+    Frozen: the LLaMA's linear and embedding weights and the whole CLIP tower. Tuned: biases, scales,
+    LoRA, gates, RMSNorm weights, adaption prompts and the visual resampler.
+    """
+    if name.startswith("clip."):
+        return False
+    if name.startswith(("resampler.", "adapter_query.")):
+        return True
+    if name.startswith("llama."):
+        return name.endswith(_TUNED_SUFFIXES) or name.endswith("norm.weight")
+    raise ValueError(f"parameter {name!r} belongs to no known part of the model")
+
+
+def is_base(name: str) -> bool:
+    """True for parameters a base checkpoint (Meta's LLaMA, OpenAI's CLIP) provides. RMSNorm weights
+    are both: loaded from Meta's file, then possibly overridden by the adapter."""
+    return not is_trainable(name) or (name.startswith("llama.") and name.endswith("norm.weight"))
+

@@ -1,0 +1,201 @@
+"""LLaMA with LLaMA-Adapter V2's gated prompts.
+
+Semantics follow Meta's reference ``llama/model.py`` (RMSNorm, interleaved-pair RoPE, grouped-query
+attention, SwiGLU); the adapter adds a second, separately normalised attention over a per-layer prompt
+whose output is scaled by a zero-initialised gate and added before ``wo``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .adapter import AdaptedLinear, PromptGate, PromptKV
+from .config import AdapterConfig, LlamaConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+
+
+def rope_table(head_dim: int, n_positions: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+    """cos/sin of every (position, frequency) pair, fp32: [n_positions, head_dim // 2, 2]."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(n_positions, device=device, dtype=torch.float32), inv_freq)
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (x[2i], x[2i+1]) as Meta's complex formulation does, in fp32.
+
+    x: [B, S, H, D]; table: [S, D // 2, 2].
+    """
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2]
+    x0, x1 = xf.unbind(-1)  # [B, S, H, D/2] each
+    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]  # [1, S, 1, D/2]
+    out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # [B, S, H, D/2, 2]
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys/values of one layer, written in place: [B, n_kv_heads, max_seq_len, head_dim]."""
+
+    def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v ([B, n_kv_heads, S, head_dim]) at start_pos; return all keys/values so far."""
+        batch, end = k.shape[0], start_pos + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache of {self.k.shape[2]}")
+        self.k[:batch, :, start_pos:end] = k
+        self.v[:batch, :, start_pos:end] = v
+        return self.k[:batch, :, :end], self.v[:batch, :, :end]
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """Attention of S new queries (at start_pos..) over all T keys so far. q: [B, H, S, D]; k, v: [B, Hkv, T, D]."""
+    s, t = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if s == 1:  # one new token sees every cached key
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    if start_pos == 0 and s == t:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # a chunk after a cached prefix: query i sits at start_pos + i and sees keys 0..start_pos + i
+    mask = torch.arange(t, device=q.device)[None, :] <= (start_pos + torch.arange(s, device=q.device))[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig, acfg: AdapterConfig, prompted: bool) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
+        tuned = {"bias": acfg.bias, "scale": acfg.scale, "lora_rank": acfg.lora_rank}
+        frozen_kv = {"lora_rank": acfg.lora_rank}  # no bias or scale on wk/wv: prompts share them
+        self.wq = AdaptedLinear(cfg.dim, self.n_heads * self.head_dim, **tuned)
+        self.wk = AdaptedLinear(cfg.dim, self.n_kv_heads * self.head_dim, **frozen_kv)
+        self.wv = AdaptedLinear(cfg.dim, self.n_kv_heads * self.head_dim, **frozen_kv)
+        self.wo = AdaptedLinear(self.n_heads * self.head_dim, cfg.dim, **tuned)
+        self.prompt_gate = PromptGate(self.n_heads, acfg.new_gate) if prompted else None
+        self.kv_cache: KVCache | None = None
+
+    def prompt_kv(self, prompt: torch.Tensor) -> PromptKV:
+        """Keys/values of a raw prompt ([B, P, dim]) through this layer's frozen wk/wv: no norm, no
+        RoPE (prompts hold no position), no LoRA."""
+        b, p, _ = prompt.shape
+        k = F.linear(prompt, self.wk.weight).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = F.linear(prompt, self.wv.weight).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return PromptKV(k, v, self.prompt_gate().to(prompt.dtype))
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int, prompt: PromptKV | None) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rope)
+        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rope)
+        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
+        if self.kv_cache is not None:
+            k, v = self.kv_cache.update(start_pos, k, v)
+        out = causal_attention(q, k, v, start_pos)  # [B, H, S, D]
+        if prompt is not None:
+            # the prompt gets its own softmax (no mask: every token sees the whole prompt)
+            p_out = F.scaled_dot_product_attention(q, prompt.k, prompt.v, enable_gqa=self.n_heads != self.n_kv_heads)
+            out = out + prompt.gate * p_out
+        return self.wo(out.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig, acfg: AdapterConfig) -> None:
+        super().__init__()
+        tuned = {"bias": acfg.bias, "scale": acfg.scale, "lora_rank": acfg.lora_rank}
+        hidden = cfg.ffn_hidden_dim
+        self.w1 = AdaptedLinear(cfg.dim, hidden, **tuned)
+        self.w2 = AdaptedLinear(hidden, cfg.dim, **tuned)
+        self.w3 = AdaptedLinear(cfg.dim, hidden, **tuned)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, cfg: LlamaConfig, acfg: AdapterConfig, prompted: bool) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attention = Attention(cfg, acfg, prompted)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.feed_forward = FeedForward(cfg, acfg)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int, prompt: PromptKV | None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, prompt)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    """The language model. Prompted layers (adapter or visual) get a gate; the prompts themselves are
+    passed in as per-layer :class:`PromptKV`, computed once per image by :meth:`prompt_kv`."""
+
+    def __init__(self, cfg: LlamaConfig, acfg: AdapterConfig | None = None) -> None:
+        super().__init__()
+        acfg = acfg or AdapterConfig(bias=False)
+        self.config, self.adapter_config = cfg, acfg
+        prompted = set(acfg.prompted_layers)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TransformerBlock(cfg, acfg, i in prompted) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("rope", torch.empty(0), persistent=False)
+        self.reset_rope()
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE table on the model's device, e.g. after building on the meta device."""
+        device = self.tok_embeddings.weight.device
+        self.rope = rope_table(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device)
+
+    def setup_cache(self, batch: int = 1, max_seq_len: int | None = None) -> None:
+        """Allocate each layer's KV cache (model dtype and device); decoding then costs one token's work."""
+        w = self.output.weight
+        length = max_seq_len or self.config.max_seq_len
+        if length > self.config.max_seq_len:
+            raise ValueError(f"cache of {length} exceeds max_seq_len {self.config.max_seq_len}")
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(batch, length, self.config.kv_heads, self.config.head_dim, w.dtype, w.device)
+
+    def clear_cache(self) -> None:
+        for layer in self.layers:
+            layer.attention.kv_cache = None
+
+    def prompt_kv(self, prompts: dict[int, torch.Tensor]) -> list[PromptKV | None]:
+        """Per-layer prompt keys/values from raw prompts {layer: [B, P, dim]}."""
+        out: list[PromptKV | None] = [None] * len(self.layers)
+        for i, prompt in prompts.items():
+            if self.layers[i].attention.prompt_gate is None:
+                raise ValueError(f"layer {i} has no gate: it is not a prompted layer of this configuration")
+            out[i] = self.layers[i].attention.prompt_kv(prompt)
+        return out
+
+    def forward(self, tokens: torch.Tensor, start_pos: int = 0, prompts: list[PromptKV | None] | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """tokens: [B, S] at positions start_pos.. -> float logits [B, S, vocab] (or [B, vocab] if last_only)."""
+        s = tokens.shape[1]
+        if start_pos + s > self.config.max_seq_len:
+            raise ValueError(f"{start_pos + s} tokens exceed max_seq_len {self.config.max_seq_len}")
+        rope = self.rope[start_pos:start_pos + s]
+        h = self.tok_embeddings(tokens)
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, start_pos, prompts[i] if prompts is not None else None)
+        if last_only:
+            h = h[:, -1]
+        return self.output(self.norm(h)).float()
