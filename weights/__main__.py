@@ -1,0 +1,4 @@
+"""`python -m weights ...`: see weights/cli.py."""
+from .cli import main
+
+raise SystemExit(main())
