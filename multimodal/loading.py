@@ -178,15 +178,3 @@ def load_llama_only(llama_dir: str | os.PathLike, device: str | torch.device = "
         raise CheckpointError(f"LLaMA checkpoint in {llama_dir} lacks: {_names(unset)}")
     return llama.eval().requires_grad_(False)
 
-
-def resolve_paths(weights_root: str | os.PathLike | None = None, adapter: str | None = "llama-adapter-bias-7b") -> dict[str, Path]:
-    """Paths of the official weights through the weights manifest (raises MissingWeightError naming
-    the file and the command that fetches it)."""
-    from weights import require
-
-    llama_dir = require("llama-7b", weights_root)
-    paths = {"llama_dir": llama_dir, "tokenizer_path": llama_dir / "tokenizer.model",
-             "clip_path": require("clip-vit-l-14", weights_root)}
-    if adapter:
-        paths["adapter_path"] = require(adapter, weights_root)
-    return paths
