@@ -9,7 +9,9 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
@@ -17,6 +19,9 @@ from PIL import Image
 from .adapter import PromptKV
 from .loading import LoadedModel
 from .tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from .swap import AdapterSwap
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,10 @@ class Engine:
 
     def stream(self, prompt: str | list[int], image: Image.Image | None = None,
                params: SamplingParams = SamplingParams(), cancel: threading.Event | None = None,
-               stats: GenerationStats | None = None,
-               prompts: list[PromptKV | None] | None = None) -> Iterator[str]:
-        """Yield text pieces as tokens are decoded. ``prompts`` may carry precomputed image prompts."""
+               stats: GenerationStats | None = None, prompts: list[PromptKV | None] | None = None,
+               adapter: "AdapterSwap | None" = None) -> Iterator[str]:
+        """Yield text pieces as tokens are decoded. ``prompts`` may carry precomputed image prompts
+        (for the adapter in use); ``adapter`` swaps another adapter in for this request only."""
         ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
         room = self.max_seq_len - len(ids)
         if room < 1:
@@ -102,7 +108,7 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
         decoder = StreamDecoder(self.tokenizer)
-        with self._lock:
+        with self._lock, (adapter.applied() if adapter is not None else nullcontext()):
             for token in self._tokens(ids, image, prompts, min(params.max_new_tokens, room), params, cancel, stats):
                 piece = decoder.push(token)
                 if piece:

@@ -95,8 +95,9 @@ class _Prefixed(Mapping[str, torch.Tensor]):
         return len(self.state)
 
 
-def apply_adapter(model: MultimodalLlama, ckpt: AdapterCheckpoint, source: str = "adapter checkpoint") -> None:
-    """Overlay adapter weights. Missing tuned keys keep their init values; unknown keys are an error.
+def adapter_state(model: MultimodalLlama, ckpt: AdapterCheckpoint, source: str = "adapter checkpoint") -> StateDict:
+    """The checkpoint's tensors checked against the model: unknown keys and frozen base weights are
+    errors naming them.
 
     The released files store a gate for layer 0, which the released code never uses: a gate of a
     layer this preset does not prompt is accepted only while it is zero (then it changes nothing)."""
@@ -107,10 +108,18 @@ def apply_adapter(model: MultimodalLlama, ckpt: AdapterCheckpoint, source: str =
         if key.endswith(".gate") and bool(value.abs().max() > 0):
             raise CheckpointError(f"{source}: {ours_to_official(key)} is non-zero but preset {model.config.name!r} "
                                   "gives that layer no prompt")
-    frozen = [k for k in state if k in own and not is_trainable(k)]
+    unknown = [ours_to_official(k) for k in state if k not in own]
+    if unknown:
+        raise CheckpointError(f"{source} has keys this model does not have: {_names(unknown)}")
+    frozen = [k for k in state if not is_trainable(k)]
     if frozen:
         raise CheckpointError(f"{source} overwrites frozen base weights: {_names(frozen)}")
-    copy_into(model, state, source)
+    return state
+
+
+def apply_adapter(model: MultimodalLlama, ckpt: AdapterCheckpoint, source: str = "adapter checkpoint") -> None:
+    """Overlay adapter weights; tuned parameters the file lacks keep their init values."""
+    copy_into(model, adapter_state(model, ckpt, source), source)
 
 
 @dataclass
