@@ -60,8 +60,16 @@ def _import_yolo() -> Any:
         uu.ONLINE = uc.ONLINE = False
         uu.AUTOINSTALL = uc.AUTOINSTALL = False
         os.environ["ULTRALYTICS_SKIP_REQUIREMENTS_CHECKS"] = "1"
+    from PIL import Image
+
+    pil_open = Image.open
     from ultralytics import YOLO
 
+    # Importing Ultralytics replaces PIL's Image.open process-wide with a wrapper that, on any file PIL
+    # cannot identify, runs a requirements check and imports pi_heif. Put PIL's own back: the rest of
+    # the process (the app's upload checks) must keep PIL's behaviour.
+    if Image.open is not pil_open:
+        Image.open = pil_open
     return YOLO
 
 

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torchvision import transforms
 
 from .config import ClipVisionConfig
@@ -31,10 +31,10 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
             img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source))
         except FileNotFoundError:
             raise ImageError(f"image file not found: {source}") from None
-        except (UnidentifiedImageError, OSError) as e:
-            raise ImageError(f"this file is not an image that can be read ({type(e).__name__}: {e})") from None
         except Image.DecompressionBombError:
             raise ImageError("image is too large to decode safely") from None
+        except Exception as e:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
+            raise ImageError(f"this file is not an image that can be read ({type(e).__name__}: {e})") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(f"image is {w}x{h} pixels; the limit is {max_pixels / 1e6:.0f} megapixels")
@@ -43,8 +43,8 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
     try:
         img = ImageOps.exif_transpose(img)
         return img.convert("RGB")  # drops alpha as cv2.imread does; grey becomes 3 channels
-    except (OSError, ValueError, SyntaxError) as e:
-        raise ImageError(f"image data is broken or truncated ({e})") from None
+    except Exception as e:  # noqa: BLE001 - as above
+        raise ImageError(f"image data is broken or truncated ({type(e).__name__}: {e})") from None
 
 
 class ImagePreprocessor:

@@ -91,3 +91,16 @@ def test_open_image_refuses_bad_input_clearly(tmp_path: Path) -> None:
         open_image(big.getvalue())
     rgba = Image.new("RGBA", (10, 20), (10, 20, 30, 0))
     assert open_image(rgba).mode == "RGB" and open_image(rgba).size == (10, 20)
+
+
+def test_importing_ultralytics_leaves_pil_alone(tmp_path: Path) -> None:
+    """Ultralytics replaces PIL's Image.open on import; the detection expert restores it, so upload
+    checks keep PIL's behaviour (and never trigger Ultralytics' requirements check)."""
+    from experts.detection import _import_yolo
+
+    pil_open = Image.open
+    _import_yolo()
+    assert Image.open is pil_open
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ImageError, match="not an image"):
+        open_image(tmp_path / "notes.png")
