@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,43 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_meta_dir(root / "llama", TINY_LLAMA, seed=0, vocab_in_params=False)
     write_openai_clip(root / "clip.pt", TINY_CLIP, seed=0)
     return {"llama_dir": root / "llama", "tokenizer_path": tokenizer, "clip_path": root / "clip.pt", "root": root}
+
+
+# --- no test touches the internet ------------------------------------------------------------------------
+
+
+def _is_local(host: object) -> bool:
+    return host in (None, "", "localhost", "::1") or str(host).startswith("127.")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_network() -> Iterator[list[object]]:
+    """Refuse, and record, every non-loopback connection or DNS lookup for the whole suite; the
+    session fails at the end if anything tried (a library phoning home is a bug here)."""
+    attempts: list[object] = []
+    real_connect, real_connect_ex, real_gai = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
+
+    def connect(self: socket.socket, address: object) -> None:
+        if isinstance(address, tuple) and not _is_local(address[0]):
+            attempts.append(address)
+            raise OSError(f"network disabled in tests: connect to {address}")
+        return real_connect(self, address)
+
+    def connect_ex(self: socket.socket, address: object) -> int:
+        if isinstance(address, tuple) and not _is_local(address[0]):
+            attempts.append(address)
+            return 111  # ECONNREFUSED
+        return real_connect_ex(self, address)
+
+    def getaddrinfo(host: object, *args: object, **kwargs: object) -> list:
+        if not _is_local(host):
+            attempts.append(host)
+            raise socket.gaierror(f"network disabled in tests: lookup of {host}")
+        return real_gai(host, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", connect)
+        mp.setattr(socket.socket, "connect_ex", connect_ex)
+        mp.setattr(socket, "getaddrinfo", getaddrinfo)
+        yield attempts
+    assert not attempts, f"network access was attempted: {attempts}"

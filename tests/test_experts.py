@@ -26,43 +26,6 @@ from experts.ocr.rapid_backend import restore_spaces
 from experts.runner import image_digest
 
 
-# -- no network, for everything in this module -----------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def no_network():
-    """Refuse (and record) any non-loopback connection or DNS lookup; fail if one was tried."""
-    attempts: list[object] = []
-    real_connect, real_connect_ex, real_gai = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
-
-    def local(host: object) -> bool:
-        return host in (None, "", "localhost", "::1") or str(host).startswith("127.")
-
-    def connect(self, address):  # type: ignore[no-untyped-def]
-        if isinstance(address, tuple) and not local(address[0]):
-            attempts.append(address)
-            raise OSError(f"network disabled in tests: connect to {address}")
-        return real_connect(self, address)
-
-    def connect_ex(self, address):  # type: ignore[no-untyped-def]
-        if isinstance(address, tuple) and not local(address[0]):
-            attempts.append(address)
-            return 111
-        return real_connect_ex(self, address)
-
-    def getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if not local(host):
-            attempts.append(host)
-            raise socket.gaierror(f"network disabled in tests: lookup of {host}")
-        return real_gai(host, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", connect)
-        mp.setattr(socket.socket, "connect_ex", connect_ex)
-        mp.setattr(socket, "getaddrinfo", getaddrinfo)
-        yield attempts
-    assert not attempts, f"network access was attempted: {attempts}"
-
-
 @pytest.fixture
 def empty_weights(tmp_path, monkeypatch) -> Path:
     """A weights folder with nothing in it, so every manifest file is missing."""

@@ -5,7 +5,6 @@ people (one wearing a tie), the OCR images the text listed there. Each model loa
 """
 from __future__ import annotations
 
-import socket
 import sys
 
 import pytest
@@ -16,34 +15,6 @@ from experts import DetectionConfig, DetectionExpert, EasyOCRBackend, ExpertRunn
 from experts.__main__ import main as cli_main
 
 DETECTOR = "detector/yolov8n_int8.onnx"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def no_network():
-    """Refuse (and record) any non-loopback connection or DNS lookup; fail if one was tried."""
-    attempts: list[object] = []
-    real_connect, real_gai = socket.socket.connect, socket.getaddrinfo
-
-    def local(host: object) -> bool:
-        return host in (None, "", "localhost", "::1") or str(host).startswith("127.")
-
-    def connect(self, address):  # type: ignore[no-untyped-def]
-        if isinstance(address, tuple) and not local(address[0]):
-            attempts.append(address)
-            raise OSError(f"network disabled in tests: connect to {address}")
-        return real_connect(self, address)
-
-    def getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if not local(host):
-            attempts.append(host)
-            raise socket.gaierror(f"network disabled in tests: lookup of {host}")
-        return real_gai(host, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, "connect", connect)
-        mp.setattr(socket, "getaddrinfo", getaddrinfo)
-        yield attempts
-    assert not attempts, f"network access was attempted: {attempts}"
 
 
 @pytest.fixture(scope="module")
