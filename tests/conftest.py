@@ -3,10 +3,17 @@ from __future__ import annotations
 
 import os
 import socket
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# Libraries that phone home (huggingface_hub's telemetry and agent detection, used by gradio_client)
+# are told the machine is offline before any of them is imported; the guard below catches the rest.
+for _var in ("HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "DO_NOT_TRACK"):
+    os.environ.setdefault(_var, "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = Path(os.environ.get("MM_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
@@ -54,23 +61,28 @@ def no_network() -> Iterator[list[object]]:
     """Refuse, and record, every non-loopback connection or DNS lookup for the whole suite; the
     session fails at the end if anything tried (a library phoning home is a bug here)."""
     attempts: list[object] = []
+
+    def record(target: object) -> None:  # where it came from, so the failure names the culprit
+        frames = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno}" for f in traceback.extract_stack()[-24:-2]]
+        attempts.append((target, os.environ.get("PYTEST_CURRENT_TEST", "?"), frames))
+
     real_connect, real_connect_ex, real_gai = socket.socket.connect, socket.socket.connect_ex, socket.getaddrinfo
 
     def connect(self: socket.socket, address: object) -> None:
         if isinstance(address, tuple) and not _is_local(address[0]):
-            attempts.append(address)
+            record(address)
             raise OSError(f"network disabled in tests: connect to {address}")
         return real_connect(self, address)
 
     def connect_ex(self: socket.socket, address: object) -> int:
         if isinstance(address, tuple) and not _is_local(address[0]):
-            attempts.append(address)
+            record(address)
             return 111  # ECONNREFUSED
         return real_connect_ex(self, address)
 
     def getaddrinfo(host: object, *args: object, **kwargs: object) -> list:
         if not _is_local(host):
-            attempts.append(host)
+            record(host)
             raise socket.gaierror(f"network disabled in tests: lookup of {host}")
         return real_gai(host, *args, **kwargs)
 
