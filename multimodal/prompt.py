@@ -17,3 +17,16 @@ def format_prompt(instruction: str, context: str | None = None) -> str:
     if context:
         return f"{_PREAMBLE_INPUT}\n\n### Instruction:\n{instruction}\n\n### Input:\n{context}\n\n### Response:"
     return f"{_PREAMBLE}\n\n### Instruction:\n{instruction}\n\n### Response:"
+
+
+def format_chat(question: str, history: list[tuple[str, str]] | tuple = (), context: str | None = None) -> str:
+    """A turn of a conversation for single-turn-trained checkpoints: expert context and the earlier
+    turns go into the ``### Input:`` section, the current question is the instruction. The app builds
+    prompts with this and the project's training data uses the same layout, so the demo model sees at
+    inference exactly what it learned from."""
+    parts = []
+    if context:
+        parts.append(context.strip())
+    if history:
+        parts.append("Conversation so far:\n" + "\n".join(f"User: {q.strip()}\nAssistant: {a.strip()}" for q, a in history))
+    return format_prompt(question.strip(), "\n\n".join(parts) or None)
