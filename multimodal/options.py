@@ -10,9 +10,24 @@ from .config import PRESETS
 from .loading import LoadedModel, load_model
 
 
+DEMO_FILES = ("params.json", "consolidated.00.pth", "tokenizer.model", "clip.pt", "adapter.pth")
+
+
+def demo_dir(weights_root: str | os.PathLike | None = None) -> Path:
+    """The project's own small demo model, committed under weights/demo/ (preset "demo")."""
+    from weights import weights_dir
+
+    return weights_dir(weights_root) / "demo"
+
+
+def demo_available(weights_root: str | os.PathLike | None = None) -> bool:
+    return all((demo_dir(weights_root) / f).is_file() for f in DEMO_FILES)
+
+
 @dataclass
 class ModelOptions:
     weights_dir: str | None = None  # None: $MM_WEIGHTS_DIR or <repo>/weights
+    model: str = "auto"  # "official" (LLaMA-7B + released adapter), "demo", or "auto": official if present, else demo
     adapter: str | None = "llama-adapter-bias-7b"  # manifest name or a file path; "none" for the bare LLaMA
     preset: str = "official-7b"
     llama_dir: str | None = None  # explicit paths override the weights folder
@@ -26,8 +41,17 @@ class ModelOptions:
     def load(self) -> LoadedModel:
         """Resolve every path (through the weights manifest unless given) and load the model.
         A missing file raises weights.MissingWeightError naming it and the command that fetches it."""
-        from weights import require
+        from weights import MissingWeightError, require
 
+        if self.model == "demo":
+            return self.load_demo()
+        if self.model == "auto" and not self.llama_dir:
+            try:
+                require("llama-7b", self.weights_dir)
+            except MissingWeightError:
+                if demo_available(self.weights_dir):
+                    return self.load_demo()
+                raise
         llama_dir = Path(self.llama_dir) if self.llama_dir else require("llama-7b", self.weights_dir)
         tokenizer = Path(self.tokenizer) if self.tokenizer else _beside(llama_dir, "tokenizer.model")
         clip = Path(self.clip) if self.clip else require("clip-vit-l-14", self.weights_dir)
@@ -41,6 +65,16 @@ class ModelOptions:
                           dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=self.bgr)
 
 
+    def load_demo(self) -> LoadedModel:
+        d = demo_dir(self.weights_dir)
+        missing = [f for f in DEMO_FILES if not (d / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"the demo model is incomplete: {', '.join(str(d / f) for f in missing)} missing "
+                                    "(see weights/demo/README.md for the command that trains it)")
+        return load_model(d, d / "tokenizer.model", d / "clip.pt", d / "adapter.pth", preset="demo",
+                          device=self.device, dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=False)
+
+
 def _beside(llama_dir: Path, name: str) -> Path:
     """Meta's layout keeps tokenizer.model in the parent of the 7B folder; the weights folder keeps it inside."""
     inside = llama_dir / name
@@ -51,6 +85,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     g = parser.add_argument_group("model")
     g.add_argument("--weights-dir", default=env("MM_WEIGHTS_DIR"), help="weights folder (env MM_WEIGHTS_DIR)")
+    g.add_argument("--model", default=env("MM_MODEL", "auto"), choices=["auto", "official", "demo"],
+                   help="official LLaMA-7B + adapter, the project's small demo model, or auto: official when its "
+                        "weights are present, else the demo (env MM_MODEL)")
     g.add_argument("--adapter", default=env("MM_ADAPTER", "llama-adapter-bias-7b"),
                    help="adapter: a weights-manifest name, a .pth file, or 'none' (env MM_ADAPTER)")
     g.add_argument("--preset", default=env("MM_PRESET", "official-7b"), choices=PRESETS, help="model layout (env MM_PRESET)")
@@ -68,6 +105,6 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> ModelOptions:
-    return ModelOptions(weights_dir=args.weights_dir, adapter=args.adapter, preset=args.preset, llama_dir=args.llama_dir,
+    return ModelOptions(weights_dir=args.weights_dir, model=args.model, adapter=args.adapter, preset=args.preset, llama_dir=args.llama_dir,
                         tokenizer=args.tokenizer, clip=args.clip, device=args.device, dtype=args.dtype,
                         max_seq_len=args.max_seq_len, bgr=args.bgr)
