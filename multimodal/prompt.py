@@ -20,13 +20,18 @@ def format_prompt(instruction: str, context: str | None = None) -> str:
 
 
 def format_chat(question: str, history: list[tuple[str, str]] | tuple = (), context: str | None = None) -> str:
-    """A turn of a conversation for single-turn-trained checkpoints: expert context and the earlier
-    turns go into the ``### Input:`` section, the current question is the instruction. The app builds
-    prompts with this and the project's training data uses the same layout, so the demo model sees at
-    inference exactly what it learned from."""
-    parts = []
-    if context:
-        parts.append(context.strip())
-    if history:
-        parts.append("Conversation so far:\n" + "\n".join(f"User: {q.strip()}\nAssistant: {a.strip()}" for q, a in history))
-    return format_prompt(question.strip(), "\n\n".join(parts) or None)
+    """A turn of a conversation for single-turn-trained checkpoints.
+
+    The first turn is the plain Alpaca prompt (expert context in ``### Input:``). Follow-up turns put
+    what does not change first (expert context, then the earlier turns) and the new question last, so
+    turn N+1 shares its token prefix with turn N's prompt and answer, whose keys/values are still in
+    the cache: a follow-up costs its new text, not the whole conversation. The app builds prompts with
+    this and the project's training data uses the same layout.
+    """
+    question = question.strip()
+    if not history:
+        return format_prompt(question, context.strip() if context else None)
+    parts = [context.strip()] if context else []
+    parts.append("Conversation so far:\n" + "\n".join(f"User: {q.strip()}\nAssistant: {a.strip()}" for q, a in history))
+    joined = "\n\n".join(parts)
+    return f"{_PREAMBLE_INPUT}\n\n### Input:\n{joined}\n\n### Instruction:\n{question}\n\n### Response:"
