@@ -1,13 +1,17 @@
 """Streaming generation: greedy / temperature / top-p, stop at EOS, seed, cancel between tokens.
 
-Per request the image is encoded and every layer's prompt keys/values computed once; the prompt is
-prefilled in one pass; then each step feeds one token through the KV cache. The only host-device sync
-per token is reading the sampled id, which streaming and the EOS check need anyway.
+Per image the visual tokens and every layer's prompt keys/values are computed once (and kept in a
+small LRU, so follow-up turns about the same image reuse them); the prompt is prefilled in one pass,
+starting after the longest prefix whose keys/values are already in the cache from the previous
+request; then each step feeds one token through the KV cache. The only host-device sync per token is
+reading the sampled id, which streaming and the EOS check need anyway.
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -45,6 +49,7 @@ class GenerationStats:
     first_token_s: float = 0.0  # request start -> first token sampled (image encode + prefill)
     total_s: float = 0.0
     stop_reason: str = ""  # "eos", "length" or "cancelled"
+    reused_tokens: int = 0  # prompt tokens whose keys/values were already cached (not prefilled again)
 
     @property
     def tokens_per_s(self) -> float:
@@ -71,19 +76,46 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def image_key(image: Image.Image) -> str:
+    """Content hash of an image's pixels: the same picture gives the same key however it arrived."""
+    h = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    h.update(image.tobytes())
+    return h.hexdigest()
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
 class Engine:
     """One loaded model serving requests one at a time (a lock guards the shared KV cache)."""
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    def __init__(self, loaded: LoadedModel, image_cache_size: int = 8) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self._lock = threading.Lock()
         self.model.llama.setup_cache(batch=1)
+        self._image_cache: OrderedDict[tuple[str, object], list[PromptKV | None]] = OrderedDict()
+        self._image_cache_size = image_cache_size
+        # what the KV cache holds: these token ids, computed with these prompts and this adapter
+        self._kv_ids: list[int] = []
+        self._kv_prompts: list[PromptKV | None] | None = None
+        self._kv_adapter: object = None
 
     @property
     def max_seq_len(self) -> int:
         return self.model.config.llama.max_seq_len
+
+    def forget(self) -> None:
+        """Drop cached image prompts and the KV-reuse state, e.g. after changing the model's weights."""
+        with self._lock:
+            self._image_cache.clear()
+            self._kv_ids, self._kv_prompts, self._kv_adapter = [], None, None
 
     def pixels(self, image: Image.Image | None) -> torch.Tensor | None:
         if image is None:
@@ -91,9 +123,19 @@ class Engine:
         return self.loaded.preprocess(image)[None].to(self.model.device, self.model.dtype)  # [1, 3, H, W]
 
     @torch.inference_mode()
-    def image_prompts(self, image: Image.Image | None) -> list[PromptKV | None]:
-        """Visual tokens and every layer's prompt K/V for one image (None: no image)."""
-        return self.model.prompt_kv(self.pixels(image))
+    def image_prompts(self, image: Image.Image | None, adapter: object = None) -> list[PromptKV | None]:
+        """Visual tokens and every layer's prompt K/V for one image (None: no image), cached by pixel
+        hash and adapter. Call with the adapter in place (``stream`` does)."""
+        key = (image_key(image) if image is not None else "", adapter)  # the key keeps the adapter alive
+        cached = self._image_cache.get(key)
+        if cached is not None:
+            self._image_cache.move_to_end(key)
+            return cached
+        prompts = self.model.prompt_kv(self.pixels(image))
+        self._image_cache[key] = prompts
+        if len(self._image_cache) > self._image_cache_size:
+            self._image_cache.popitem(last=False)
+        return prompts
 
     def stream(self, prompt: str | list[int], image: Image.Image | None = None,
                params: SamplingParams = SamplingParams(), cancel: threading.Event | None = None,
@@ -109,7 +151,7 @@ class Engine:
         stats.prompt_tokens = len(ids)
         decoder = StreamDecoder(self.tokenizer)
         with self._lock, (adapter.applied() if adapter is not None else nullcontext()):
-            for token in self._tokens(ids, image, prompts, min(params.max_new_tokens, room), params, cancel, stats):
+            for token in self._tokens(ids, image, prompts, adapter, min(params.max_new_tokens, room), params, cancel, stats):
                 piece = decoder.push(token)
                 if piece:
                     yield piece
@@ -123,7 +165,7 @@ class Engine:
 
     @torch.inference_mode()
     def _tokens(self, ids: list[int], image: Image.Image | None, prompts: list[PromptKV | None] | None,
-                max_new: int, params: SamplingParams, cancel: threading.Event | None,
+                adapter: object, max_new: int, params: SamplingParams, cancel: threading.Event | None,
                 stats: GenerationStats) -> Iterator[int]:
         start = time.perf_counter()
         device = self.model.device
@@ -131,9 +173,17 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         if prompts is None:
-            prompts = self.image_prompts(image)
+            prompts = self.image_prompts(image, adapter)
+        # Keys/values of a shared prefix are still in the cache when the same prompts and adapter made
+        # them (a follow-up turn). At least the last prompt token is run again: its logits are needed.
+        reuse = 0
+        if self._kv_prompts is prompts and self._kv_adapter is adapter:
+            reuse = min(common_prefix(self._kv_ids, ids), len(ids) - 1)
+        self._kv_ids, self._kv_prompts, self._kv_adapter = ids[:reuse], prompts, adapter
+        stats.reused_tokens = reuse
         llama = self.model.llama
-        logits = llama(torch.tensor([ids], device=device), start_pos=0, prompts=prompts, last_only=True)
+        logits = llama(torch.tensor([ids[reuse:]], device=device), start_pos=reuse, prompts=prompts, last_only=True)
+        self._kv_ids = list(ids)
         pos = len(ids)
         stats.stop_reason = "length"
         for step in range(max_new):
@@ -152,5 +202,6 @@ class Engine:
             yield token_id
             if step + 1 < max_new:
                 logits = llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
+                self._kv_ids.append(token_id)
                 pos += 1
         stats.total_s = time.perf_counter() - start

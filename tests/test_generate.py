@@ -119,3 +119,24 @@ def test_sampling_params_are_validated() -> None:
         SamplingParams(max_new_tokens=0)
     with pytest.raises(ValueError):
         SamplingParams(top_p=0.0)
+
+
+def test_follow_up_turn_reuses_the_cached_prefix_and_gives_the_same_answer(stories_engine: Engine) -> None:
+    image = open_image(fixture_path("images/bus.jpg"))
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    first = GenerationStats()
+    answer = stories_engine.complete("Once upon a time", image, greedy, stats=first)
+    follow_up = "Once upon a time" + answer + " Then the girl"
+    reused = GenerationStats()
+    with_reuse = stories_engine.complete(follow_up, image, greedy, stats=reused)
+    n_first = len(stories_engine.tokenizer.encode("Once upon a time"))
+    assert reused.reused_tokens >= n_first + 5  # the first prompt and (most of) its answer were not prefilled again
+
+    stories_engine.forget()
+    fresh = GenerationStats()
+    assert stories_engine.complete(follow_up, image, greedy, stats=fresh) == with_reuse
+    assert fresh.reused_tokens == 0
+
+    other = GenerationStats()  # another image: the cached keys/values belong to the first one
+    stories_engine.complete(follow_up, open_image(fixture_path("images/zidane.jpg")), greedy, stats=other)
+    assert other.reused_tokens == 0
