@@ -135,13 +135,17 @@ class LoadedModel:
 def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, clip_path: str | os.PathLike,
                adapter_path: str | os.PathLike | None = None, preset: str = "official-7b",
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               max_seq_len: int | None = None, bgr: bool | None = None) -> LoadedModel:
+               max_seq_len: int | None = None, bgr: bool | None = None, quantize: str | None = None) -> LoadedModel:
     """Meta LLaMA directory + tokenizer + OpenAI CLIP file (+ adapter checkpoint) -> a ready model.
 
     ``bgr`` overrides the preset's channel order (the official preset feeds BGR, as the released
-    checkpoints were trained)."""
-    device = torch.device(device) if device is not None else default_device()
-    dtype = parse_dtype(dtype, device)
+    checkpoints were trained). ``quantize="int8"`` loads on the CPU, then moves the LLaMA to the
+    device layer by layer with int8 weights (see quantize.py)."""
+    target = torch.device(device) if device is not None else default_device()
+    dtype = parse_dtype(dtype, target)
+    if quantize not in (None, "int8"):
+        raise ValueError(f"unknown quantisation {quantize!r}; the choice is int8")
+    device = torch.device("cpu") if quantize else target
     tokenizer = Tokenizer(tokenizer_path)
     params, base = read_meta_llama(llama_dir)
     overrides = {"max_seq_len": max_seq_len} if max_seq_len else {}
@@ -163,6 +167,10 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
     if adapter is not None:
         apply_adapter(model, adapter, f"adapter checkpoint {adapter_path}")
     model.eval().requires_grad_(False)
+    if quantize == "int8":
+        from .quantize import quantize_int8
+
+        quantize_int8(model, target)
     use_bgr = cfg.bgr if bgr is None else bgr
     return LoadedModel(model, tokenizer, ImagePreprocessor(cfg.clip, bgr=use_bgr))
 

@@ -37,6 +37,7 @@ class ModelOptions:
     dtype: str | None = None  # None: fp32 on cpu, bf16/fp16 on gpu
     max_seq_len: int | None = None
     bgr: bool | None = None  # None: the preset's channel order
+    quantize: str | None = None  # "int8": weight-only int8 language model (torchao)
 
     def load(self) -> LoadedModel:
         """Resolve every path (through the weights manifest unless given) and load the model.
@@ -62,7 +63,7 @@ class ModelOptions:
         else:
             adapter = require(self.adapter, self.weights_dir)
         return load_model(llama_dir, tokenizer, clip, adapter, preset=self.preset, device=self.device,
-                          dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=self.bgr)
+                          dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=self.bgr, quantize=self.quantize)
 
 
     def load_demo(self) -> LoadedModel:
@@ -72,7 +73,8 @@ class ModelOptions:
             raise FileNotFoundError(f"the demo model is incomplete: {', '.join(str(d / f) for f in missing)} missing "
                                     "(see weights/demo/README.md for the command that trains it)")
         return load_model(d, d / "tokenizer.model", d / "clip.pt", d / "adapter.pth", preset="demo",
-                          device=self.device, dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=False)
+                          device=self.device, dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=False,
+                          quantize=self.quantize)
 
 
 def _beside(llama_dir: Path, name: str) -> Path:
@@ -98,6 +100,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default=env("MM_DTYPE"), choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 (or float16) on gpu")
     g.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer tokens (default 512)")
+    g.add_argument("--quantize", default=env("MM_QUANTIZE"), choices=["int8"],
+                   help="weight-only int8 language model (torchao): LLaMA-7B in about 7 GB (env MM_QUANTIZE)")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--bgr", dest="bgr", action="store_true", default=None,
                        help="feed BGR pixels (what the released checkpoints were trained on; the official preset's default)")
@@ -107,4 +111,4 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> ModelOptions:
     return ModelOptions(weights_dir=args.weights_dir, model=args.model, adapter=args.adapter, preset=args.preset, llama_dir=args.llama_dir,
                         tokenizer=args.tokenizer, clip=args.clip, device=args.device, dtype=args.dtype,
-                        max_seq_len=args.max_seq_len, bgr=args.bgr)
+                        max_seq_len=args.max_seq_len, bgr=args.bgr, quantize=args.quantize)
