@@ -91,6 +91,34 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+class TokenReader:
+    """Reads a sampled token id on the host without stalling the device.
+
+    On CUDA the id is copied to pinned memory and an event marks the copy; waiting on that event does
+    not wait for work queued after it (the next decoding step), unlike ``.item()``. Elsewhere the
+    device is synchronous anyway and ``.item()`` is all there is."""
+
+    def __init__(self, device: torch.device, overlap: bool | None = None) -> None:
+        self.cuda = device.type == "cuda"
+        self.overlaps = self.cuda if overlap is None else overlap  # forced on elsewhere only by tests
+        self.host = torch.empty(1, dtype=torch.long, pin_memory=self.cuda)
+        self.event = torch.cuda.Event() if self.cuda else None
+        self.token: torch.Tensor | None = None
+
+    def start(self, token: torch.Tensor) -> None:
+        if self.cuda:
+            self.host.copy_(token, non_blocking=True)
+            self.event.record()
+        else:
+            self.token = token
+
+    def read(self) -> int:
+        if self.cuda:
+            self.event.synchronize()
+            return int(self.host[0])
+        return int(self.token.item())
+
+
 class Engine:
     """One loaded model serving requests one at a time (a lock guards the shared KV cache)."""
 
@@ -106,6 +134,7 @@ class Engine:
         self._kv_ids: list[int] = []
         self._kv_prompts: list[PromptKV | None] | None = None
         self._kv_adapter: object = None
+        self.overlap_decode: bool | None = None  # None: queue the next step before reading an id on CUDA only
 
     @property
     def max_seq_len(self) -> int:
@@ -185,13 +214,21 @@ class Engine:
         logits = llama(torch.tensor([ids[reuse:]], device=device), start_pos=reuse, prompts=prompts, last_only=True)
         self._kv_ids = list(ids)
         pos = len(ids)
+        reader = TokenReader(device, self.overlap_decode)
         stats.stop_reason = "length"
         for step in range(max_new):
             if cancel is not None and cancel.is_set():
                 stats.stop_reason = "cancelled"
                 break
             token = sample(logits, params.temperature, params.top_p, generator)  # [1], on device
-            token_id = int(token.item())
+            reader.start(token)
+            last = step + 1 == max_new
+            if reader.overlaps and not last:
+                # Queue the next step before reading this token's id, so the device computes while the
+                # host waits for the id. If it turns out to be EOS the extra step is wasted work whose
+                # keys/values lie past what _kv_ids records, so nothing reads them.
+                logits = llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
+            token_id = reader.read()
             if step == 0:
                 stats.first_token_s = time.perf_counter() - start
             if token_id == self.tokenizer.eos_id:
@@ -200,8 +237,9 @@ class Engine:
             stats.new_tokens += 1
             stats.total_s = time.perf_counter() - start
             yield token_id
-            if step + 1 < max_new:
-                logits = llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
+            if not last:
+                if not reader.overlaps:  # synchronous device: show the token first, then compute
+                    logits = llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
                 self._kv_ids.append(token_id)
                 pos += 1
         stats.total_s = time.perf_counter() - start

@@ -50,7 +50,9 @@ def test_cancel_stops_between_tokens(stories_engine: Engine) -> None:
     assert len(pieces) == 1 and stats.stop_reason == "cancelled" and stats.new_tokens == 1
 
 
-def test_stops_at_eos(stories_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("overlap", [False, True])
+def test_stops_at_eos(stories_engine: Engine, monkeypatch: pytest.MonkeyPatch, overlap: bool) -> None:
+    monkeypatch.setattr(stories_engine, "overlap_decode", overlap)
     calls = []
 
     def fake_sample(logits: torch.Tensor, *args: object) -> torch.Tensor:
@@ -59,8 +61,10 @@ def test_stops_at_eos(stories_engine: Engine, monkeypatch: pytest.MonkeyPatch) -
 
     monkeypatch.setattr(gen, "sample", fake_sample)
     stats = GenerationStats()
-    list(stories_engine.stream("Once", None, SamplingParams(50, 0.0), stats=stats))
+    pieces = list(stories_engine.stream("Once", None, SamplingParams(50, 0.0), stats=stats))
     assert (stats.new_tokens, stats.stop_reason) == (2, "eos")
+    assert stories_engine._kv_ids[-2:] == [400, 400]  # the EOS step's keys/values are not counted as cached
+    assert "".join(pieces) == stories_engine.tokenizer.decode([400, 400])
 
 
 def test_prompt_longer_than_the_context_is_refused(stories_engine: Engine) -> None:
@@ -140,3 +144,19 @@ def test_follow_up_turn_reuses_the_cached_prefix_and_gives_the_same_answer(stori
     other = GenerationStats()  # another image: the cached keys/values belong to the first one
     stories_engine.complete(follow_up, open_image(fixture_path("images/zidane.jpg")), greedy, stats=other)
     assert other.reused_tokens == 0
+
+
+def test_overlapped_decoding_order_gives_the_same_tokens(stories_engine: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CUDA queues step t+1 before reading token t; forced on here, the answers, EOS handling and
+    prefix reuse must be exactly those of the plain order."""
+    ref = json.loads(fixture_path("stories260K/reference.json").read_text())["Once upon a time"]
+    greedy = SamplingParams(max_new_tokens=40, temperature=0.0)
+    monkeypatch.setattr(stories_engine, "overlap_decode", True)
+    stories_engine.forget()
+    assert stories_engine.complete("Once upon a time", None, greedy) == ref["greedy_text"]
+    follow = GenerationStats()
+    text = stories_engine.complete("Once upon a time" + ref["greedy_text"] + " Lily", None, greedy, stats=follow)
+    assert follow.reused_tokens > 40
+    monkeypatch.setattr(stories_engine, "overlap_decode", False)
+    stories_engine.forget()
+    assert stories_engine.complete("Once upon a time" + ref["greedy_text"] + " Lily", None, greedy) == text
