@@ -22,7 +22,7 @@ from PIL import Image
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO_ROOT), str(REPO_ROOT / "scripts")]
 
-from benchmark import fill_base_weights, model_config, open_gates  # noqa: E402
+from bench.shapes import fill_base_weights, model_config, open_gates  # noqa: E402
 from multimodal.generate import Engine, GenerationStats, SamplingParams  # noqa: E402
 from multimodal.image import ImagePreprocessor  # noqa: E402
 from multimodal.loading import LoadedModel, build_empty  # noqa: E402
