@@ -1,18 +1,29 @@
-"""python -m app: serve the page on 127.0.0.1:7860 (public binding and share links are opt-in)."""
+"""python -m app: serve the chat page on 127.0.0.1:7860 (public binding and share links are opt-in).
+
+Every flag has an environment-variable twin (shown in --help); a flag wins over the environment.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import gradio as gr
+
+from experts import ExpertRunner
 from multimodal.generate import Engine
-from multimodal.options import add_model_args, options_from_args
+from multimodal.options import ModelOptions, add_model_args, demo_available, demo_dir, options_from_args
 
+from .chat import AppConfig, ChatApp
 from .ui import build_demo
 
 log = logging.getLogger("app")
+EXPERTS = ("caption", "ocr", "detection")
 
 
 def parse_auth(value: str | None, auth_file: str | None) -> list[tuple[str, str]] | None:
@@ -29,42 +40,149 @@ def parse_auth(value: str | None, auth_file: str | None) -> list[tuple[str, str]
     return pairs or None
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_experts(value: str) -> list[str]:
+    names = [n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in names if n not in EXPERTS]
+    if unknown:
+        raise ValueError(f"unknown expert(s) {', '.join(unknown)}; choose from {', '.join(EXPERTS)} (or none)")
+    return names
+
+
+def build_parser() -> argparse.ArgumentParser:
     env = os.environ.get
-    parser = argparse.ArgumentParser(prog="python -m app", description=__doc__)
-    parser.add_argument("--host", default=env("MM_HOST", "127.0.0.1"), help="0.0.0.0 to serve the network (env MM_HOST)")
-    parser.add_argument("--port", type=int, default=int(env("MM_PORT", "7860")), help="env MM_PORT")
-    parser.add_argument("--share", action="store_true", default=env("MM_SHARE") == "1",
-                        help="also create a public gradio.live link (needs internet; env MM_SHARE=1)")
-    parser.add_argument("--auth", default=env("MM_AUTH"), help="require a login, user:password (env MM_AUTH)")
-    parser.add_argument("--auth-file", default=env("MM_AUTH_FILE"), help="file of user:password lines")
-    parser.add_argument("--concurrency", type=int, default=int(env("MM_CONCURRENCY", "1")),
-                        help="requests generating at once (the model serves one at a time; others queue)")
-    add_model_args(parser)
+    p = argparse.ArgumentParser(prog="python -m app", description=__doc__,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    s = p.add_argument_group("serving")
+    s.add_argument("--host", default=env("MM_HOST", "127.0.0.1"), help="0.0.0.0 serves your network (env MM_HOST)")
+    s.add_argument("--port", type=int, default=int(env("MM_PORT", "7860")), help="env MM_PORT")
+    s.add_argument("--share", action="store_true", default=env("MM_SHARE") == "1",
+                   help="also ask Gradio for a public link (needs internet; env MM_SHARE=1)")
+    s.add_argument("--auth", default=env("MM_AUTH"), help="require a login, user:password (env MM_AUTH)")
+    s.add_argument("--auth-file", default=env("MM_AUTH_FILE"), help="file of user:password lines (env MM_AUTH_FILE)")
+    s.add_argument("--concurrency", type=int, default=int(env("MM_CONCURRENCY", "2")),
+                   help="requests processed at once; the model itself serves one at a time and the rest queue "
+                        "(env MM_CONCURRENCY)")
+    s.add_argument("--queue-size", type=int, default=int(env("MM_QUEUE_SIZE", "64")),
+                   help="requests that may wait; more are refused with 'queue full' (env MM_QUEUE_SIZE)")
+    s.add_argument("--max-upload-mb", type=int, default=int(env("MM_MAX_UPLOAD_MB", "25")), help="env MM_MAX_UPLOAD_MB")
+    s.add_argument("--max-new-tokens", type=int, default=int(env("MM_MAX_NEW_TOKENS", "256")),
+                   help="the answer-length slider's starting value (env MM_MAX_NEW_TOKENS)")
+    s.add_argument("--log-chats", default=env("MM_LOG_CHATS"), metavar="DIR",
+                   help="opt-in: write questions, answers and images to DIR (default: nothing is logged; env MM_LOG_CHATS)")
+    e = p.add_argument_group("experts")
+    e.add_argument("--experts", default=env("MM_EXPERTS", ",".join(EXPERTS)),
+                   help="experts offered on the page, comma-separated, or none (env MM_EXPERTS)")
+    e.add_argument("--experts-on", default=env("MM_EXPERTS_ON", ",".join(EXPERTS)),
+                   help="experts switched on when a session starts (env MM_EXPERTS_ON)")
+    e.add_argument("--detector", default=env("MM_DETECTOR"), help="YOLO .pt/.onnx file (default: weights manifest's yolov8n)")
+    e.add_argument("--ocr-backend", default=env("MM_OCR_BACKEND", "auto"), choices=["auto", "rapidocr", "easyocr"])
+    e.add_argument("--caption-adapter", default=env("MM_CAPTION_ADAPTER", "llama-adapter-caption-7b"),
+                   help="adapter for captions, swapped onto the loaded base: a manifest name, a .pth file, or none "
+                        "(the main model is asked for a caption). Used when present (env MM_CAPTION_ADAPTER)")
+    e.add_argument("--context-tokens", type=int, default=None,
+                   help="token budget of the expert context (default: a quarter of the model's context length)")
+    add_model_args(p)
+    return p
+
+
+def load_engine(options: ModelOptions) -> tuple[Engine | None, str | None]:
+    """The engine, or None and a message saying exactly what is missing and how to get it."""
+    import torch
+
+    try:
+        return Engine(options.load()), None
+    except torch.OutOfMemoryError:
+        return None, ("Out of memory while loading the model: try --dtype bfloat16 (or float16), or --device cpu.")
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        message = str(e)
+        if options.model == "auto" and not options.llama_dir and not demo_available(options.weights_dir):
+            message += (f"\n\nOr use the project's small demo model, which needs no download: its files belong in "
+                        f"{demo_dir(options.weights_dir)} (see weights/demo/README.md for how it is made). "
+                        "Check what is present with `.venv/bin/python -m weights status`.")
+        return None, message
+
+
+def build_experts(engine: Engine | None, options: ModelOptions, args: argparse.Namespace) -> ExpertRunner | None:
+    """One shared runner for the experts the operator offers; the caption expert reuses the loaded model."""
+    offered = parse_experts(args.experts)
+    if not offered:
+        return None
+    from experts import default_experts
+
+    captioner, reason, model_id = None, None, "none"
+    if engine is not None:
+        from multimodal.swap import AdapterSwap, Captioner
+
+        swap, model_id = None, f"{options.model}:{options.adapter}:main-model-caption"
+        if args.caption_adapter not in (None, "", "none") and engine.model.config is not None:
+            try:
+                path = Path(args.caption_adapter)
+                if path.suffix not in (".pth", ".pt"):
+                    from weights import require
+
+                    path = require(args.caption_adapter, options.weights_dir)
+                swap = AdapterSwap(engine.model, path)
+                model_id = f"{options.model}:{path.name}"
+            except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
+                log.info("caption adapter not used (%s); the main model writes captions", str(e).splitlines()[0])
+        captioner = Captioner(engine, swap)
+    else:
+        reason = "no model is loaded, so there is no captioner"
+    all_experts = default_experts(captioner=captioner, caption_unavailable_reason=reason, detector_path=args.detector,
+                                  ocr_backend=args.ocr_backend)
+    for ex in all_experts:
+        if ex.name == "caption":
+            ex.model_id = model_id  # type: ignore[attr-defined]
+    return ExpertRunner([ex for ex in all_experts if ex.name in offered])
+
+
+def launch(demo: gr.Blocks, app: ChatApp, share: bool, **kwargs: Any) -> str | None:
+    """Start serving (without blocking). When a requested share link cannot be made, keep serving
+    locally and put Gradio's reason on the page; returns the share URL or None."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            demo.launch(share=share, prevent_thread_lock=True, show_error=True, **kwargs)
+    finally:
+        sys.stdout.write(out.getvalue())
+    if share and not demo.share_url:
+        reason = next((ln.strip() for ln in out.getvalue().splitlines() if "share link" in ln), "")
+        reason = reason.replace("Could not create share link.", "").strip() or "Gradio's share server could not be reached"
+        note = (f"The public share link could not be created ({reason.rstrip('.')}; there may be no internet "
+                f"connection). The app keeps serving locally at {demo.local_url}.")
+        app.notices.append(note)
+        log.warning(note)
+    return demo.share_url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
     try:
         auth = parse_auth(args.auth, args.auth_file)
+        parse_experts(args.experts)
+        on = parse_experts(args.experts_on)
     except (OSError, ValueError) as e:
         parser.error(str(e))
-    engine, load_error = None, None
-    try:
-        engine = Engine(options_from_args(args).load())
-    except (FileNotFoundError, ValueError) as e:  # the page shows what is missing and how to get it
-        load_error = str(e)
-        log.warning("serving without a model: %s", e)
 
-    demo = build_demo(engine, load_error)
-    demo.queue(default_concurrency_limit=args.concurrency)
+    options = options_from_args(args)
+    engine, load_error = load_engine(options)
+    if load_error:
+        log.warning("serving without a model: %s", load_error)
+    config = AppConfig(default_experts=tuple(on), context_tokens=args.context_tokens,
+                       default_max_new_tokens=args.max_new_tokens,
+                       log_dir=Path(args.log_chats) if args.log_chats else None)
+    app = ChatApp(engine, load_error, build_experts(engine, options, args), config)
+    demo = build_demo(app)
+    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    launch(demo, app, args.share, server_name=args.host, server_port=args.port, auth=auth,
+           max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"], run_history=False)
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=args.share, auth=auth, show_error=True)
-    except Exception as e:  # noqa: BLE001 - a failed share link must not take the local server down
-        if not args.share:
-            raise
-        log.warning("could not create the public share link (%s); serving locally only", e)
-        demo.launch(server_name=args.host, server_port=args.port, share=False, auth=auth, show_error=True)
+        demo.block_thread()
+    except KeyboardInterrupt:
+        pass
     return 0
 
 

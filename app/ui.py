@@ -1,74 +1,213 @@
-"""The Gradio page: upload an image, ask, watch the answer stream in.
+"""The page: layout and wiring only. What each control does lives in `app.chat.ChatApp`.
 
-A minimal page until the full chat app lands; it already keeps the promises that matter: errors are
-shown on the page (missing weights, bad images, overlong questions) and the server keeps running.
+Event design (why it looks like this):
+- Ask and Regenerate are two steps: a quick unqueued step puts the question in the chat and arms the
+  session's Stop flag, then a queued streaming step writes the answer. Stop is unqueued and sets the
+  flag, which the engine checks between tokens, so generation really ends within one token, the
+  partial answer stays with a "stopped" footer, and a request still waiting in the queue ends before
+  it starts. (Gradio's `cancels=` alone closes the generator only at its next yield and drops the
+  final update; the flag does both jobs.)
+- Uploads go through `upload_image`, which hands the raw file to the app instead of letting Gradio
+  decode it, so a non-image or a decompression bomb gets the project's specific message.
+- UI events are private to the API; the one public endpoint is `/chat` (see README).
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import gradio as gr
-from PIL import Image
 
-from multimodal.generate import Engine, GenerationStats, PromptTooLongError, SamplingParams
-from multimodal.image import ImageError, open_image
-from multimodal.prompt import format_prompt
+from .chat import EXPERT_LABELS, ChatApp, ChatError
+from .state import ChatSession
 
-MAX_QUESTION_CHARS = 2000
-
-
-def answer_stream(engine: Engine | None, load_error: str | None, image: Image.Image | None, question: str,
-                  temperature: float, top_p: float, max_new_tokens: int,
-                  cancel: threading.Event | None = None) -> Iterator[str]:
-    """The page's handler, without Gradio: yields the answer so far (and a status line at the end)."""
-    if engine is None:
-        raise gr.Error(f"No model is loaded. {load_error}", duration=None)
-    question = (question or "").strip()
-    if not question:
-        raise gr.Error("Please type a question.")
-    if len(question) > MAX_QUESTION_CHARS:
-        raise gr.Error(f"The question is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}.")
-    try:
-        picture = open_image(image) if image is not None else None
-        params = SamplingParams(int(max_new_tokens), float(temperature), float(top_p))
-    except (ImageError, ValueError) as e:
-        raise gr.Error(str(e)) from None
-    stats = GenerationStats()
-    text = ""
-    try:
-        for piece in engine.stream(format_prompt(question), picture, params, cancel, stats):
-            text += piece
-            yield text
-    except PromptTooLongError as e:
-        raise gr.Error(f"{e}. Please ask a shorter question.") from None
-    yield f"{text}\n\n— {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s, first token after {stats.first_token_s:.2f} s"
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+EXAMPLES = [
+    ("shapes.png", "What shapes and colours do you see?"),
+    ("street_sign.png", "What does the sign say?"),
+    ("receipt.png", "What is the total on this receipt?"),
+]
+PRIVATE: Any = "private"
 
 
-def build_demo(engine: Engine | None, load_error: str | None = None) -> gr.Blocks:
-    with gr.Blocks(title="LLaMA-Adapter V2 chat") as demo:
-        gr.Markdown("## Ask about an image\nLLaMA-Adapter V2: a frozen LLaMA that looks at your image through gated visual prompts.")
-        if engine is None:
-            gr.Markdown(f"**No model is loaded.** {load_error}")
+def upload_image(**kwargs: Any) -> gr.Image:
+    """An image input that passes the uploaded file's path through undecoded; `ChatApp` opens it
+    with `multimodal.image.open_image`, whose errors say what is wrong with the file (Gradio's own
+    decoding would fail first with a generic error). Done on the instance: subclassing a Gradio
+    component makes Gradio write a .pyi stub beside this file."""
+    image = gr.Image(type="filepath", **kwargs)
+    decode = image.preprocess
+
+    def preprocess(payload: Any) -> str | None:
+        if payload is None:
+            return None
+        if getattr(payload, "path", None):
+            return str(payload.path)
+        return decode(payload)  # a data: URL (pasted image): Gradio writes it to a file
+
+    image.preprocess = preprocess  # type: ignore[method-assign]
+    return image
+
+
+def _key(request: gr.Request | None) -> str:
+    return getattr(request, "session_hash", None) or "local"
+
+
+def build_demo(app: ChatApp) -> gr.Blocks:
+    names = app.expert_names
+    available = app.expert_availability()
+    choices = [(EXPERT_LABELS.get(n, n) + ("" if available.get(n) is None else " (unavailable)"), n) for n in names]
+    default = [n for n in app.config.default_experts if n in names and available.get(n) is None]
+    max_new_limit = min(1024, app.engine.max_seq_len) if app.engine is not None else 512
+
+    with gr.Blocks(title="LLaMA-Adapter V2 image chat") as demo:
+        state = gr.State(ChatSession())  # Gradio deep-copies it for each browser session
+        gr.Markdown("## Chat about an image\nLLaMA-Adapter V2 with optional expert systems (caption, OCR, "
+                    "detection) whose text you can see and edit before it is sent. Nothing you upload or type is "
+                    "logged unless the operator turned chat logging on.")
+        banner = gr.Markdown(_banner(app), elem_id="banner")
         with gr.Row():
-            with gr.Column():
-                image = gr.Image(type="pil", label="Image", sources=["upload", "clipboard"])
-                question = gr.Textbox(label="Question", lines=2, max_lines=8, placeholder="What is in this image?")
+            with gr.Column(scale=5):
+                chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chat", buttons=["copy"],
+                                     feedback_options=None, placeholder="Upload an image and ask about it.")
                 with gr.Row():
-                    ask = gr.Button("Ask", variant="primary")
-                    stop = gr.Button("Stop")
+                    question = gr.Textbox(label="Question", placeholder="What is in this image?", lines=1, max_lines=6,
+                                          scale=5, elem_id="question", autofocus=True)
+                    ask = gr.Button("Ask", variant="primary", scale=1, elem_id="ask")
+                with gr.Row():
+                    stop = gr.Button("Stop", elem_id="stop")
+                    regen = gr.Button("Regenerate", elem_id="regenerate")
+                    clear = gr.Button("Clear", elem_id="clear")
+                status = gr.Markdown("", elem_id="status")
+                budget = gr.Markdown("", elem_id="budget")
+            with gr.Column(scale=3):
+                image = upload_image(label="Image", sources=["upload", "clipboard"], elem_id="image",
+                                    height=300)
+                experts = gr.CheckboxGroup(choices=choices, value=default, label="Experts (their text is added as context)",
+                                           elem_id="experts")
                 with gr.Accordion("Sampling", open=False):
-                    temperature = gr.Slider(0.0, 1.0, value=0.1, step=0.05, label="Temperature (0: greedy)")
+                    temperature = gr.Slider(0.0, 1.5, value=0.1, step=0.05, label="Temperature (0: greedy)")
                     top_p = gr.Slider(0.05, 1.0, value=0.75, step=0.05, label="Top p")
-                    max_new = gr.Slider(1, 512, value=256, step=1, label="Max new tokens")
-            with gr.Column():
-                answer = gr.Textbox(label="Answer", lines=14, interactive=False)
+                    max_new = gr.Slider(1, max_new_limit, value=min(app.config.default_max_new_tokens, max_new_limit), step=1, label="Max new tokens")
+                gr.Examples([[str(EXAMPLES_DIR / f), q] for f, q in EXAMPLES if (EXAMPLES_DIR / f).exists()],
+                            inputs=[image, question], label="Examples (made for this project)")
+        with gr.Accordion("Expert output and context", open=True):
+            with gr.Row():
+                detection = gr.Image(label="Detection", type="pil", interactive=False, height=260)
+                with gr.Column():
+                    caption = gr.Textbox(label="Caption", interactive=False, lines=2)
+                    ocr = gr.Textbox(label="OCR lines", interactive=False, lines=4, max_lines=12)
+                    expert_status = gr.Markdown("")
+            context = gr.Textbox(label="Context sent with the next question (edit it before asking; changing the "
+                                       "experts or the image rebuilds it)", lines=4, max_lines=16, elem_id="context")
 
-        def respond(img: Image.Image | None, q: str, t: float, p: float, n: int) -> Iterator[str]:
-            yield from answer_stream(engine, load_error, img, q, t, p, n)
+        panel = [detection, caption, ocr, expert_status, context]
 
-        event = ask.click(respond, [image, question, temperature, top_p, max_new], answer, api_name="answer")
-        question.submit(respond, [image, question, temperature, top_p, max_new], answer, api_name=False)
-        # Gradio closes the generator on cancel, which ends the token loop between tokens.
-        stop.click(None, cancels=[event], api_name=False)
+        def view_outputs(view: Any) -> list[Any]:
+            return [view.detection, view.caption, view.ocr_lines, view.status, view.context]
+
+        def on_image(session: ChatSession, upload: str | None, selected: list[str], q: str, n: int):
+            try:
+                view = app.new_image(session, upload, selected)
+            except ChatError as e:
+                gr.Warning(e.message)
+                return [session.messages(), f"⚠️ {e.message}", app.budget(session, q, None, n)] + [gr.skip()] * 5
+            note = app.expert_problems(session)
+            msg = f"⚠️ {note}" if note else (f"Image: {session.image_name}" if session.image is not None else "")
+            return [session.messages(), msg, app.budget(session, q, view.context, n)] + view_outputs(view)
+
+        def on_experts(session: ChatSession, selected: list[str], q: str, n: int):
+            view = app.run_experts(session, selected)
+            note = app.expert_problems(session)
+            return [f"⚠️ {note}" if note else "", app.budget(session, q, view.context, n)] + view_outputs(view)
+
+        def on_prepare(session: ChatSession, q: str, request: gr.Request):
+            try:
+                app.prepare(session, _key(request), q)
+            except ChatError as e:
+                gr.Warning(e.message)
+                return session.messages(), gr.skip(), f"⚠️ {e.message}"
+            return session.messages(), "", "Waiting for the model…"
+
+        def on_prepare_regen(session: ChatSession, request: gr.Request):
+            try:
+                app.prepare_regenerate(session, _key(request))
+            except ChatError as e:
+                gr.Warning(e.message)
+                return session.messages(), f"⚠️ {e.message}"
+            return session.messages(), "Waiting for the model…"
+
+        def on_generate(session: ChatSession, selected: list[str], ctx: str, t: float, p: float, n: int,
+                        request: gr.Request) -> Iterator[list[Any]]:
+            turn = app.pending(session)
+            if turn is None:
+                return
+            try:
+                for line in app.generate(session, _key(request), selected, ctx, t, p, n):
+                    yield [session.messages(), line, gr.skip(), gr.skip()]
+            except ChatError as e:
+                gr.Warning(e.message)
+                yield [session.messages(), f"⚠️ {e.message}", turn.question, app.budget(session, turn.question, ctx, n)]
+                return
+            yield [session.messages(), gr.skip(), gr.skip(), app.budget(session, "", ctx, n)]
+
+        def on_stop(request: gr.Request) -> str:
+            return "Stopping…" if app.stop(_key(request)) else gr.skip()
+
+        def on_clear(session: ChatSession, ctx: str, n: int, request: gr.Request):
+            app.clear(session, _key(request))
+            return session.messages(), "", app.budget(session, "", ctx, n)
+
+        def on_budget(session: ChatSession, q: str, ctx: str, n: int) -> str:
+            return app.budget(session, q, ctx, n)
+
+        def on_load() -> str:
+            return _banner(app)
+
+        gen_in = [state, experts, context, temperature, top_p, max_new]
+        gen_out = [chatbot, status, question, budget]
+        image.change(on_image, [state, image, experts, question, max_new], [chatbot, status, budget] + panel,
+                     api_visibility=PRIVATE)
+        experts.change(on_experts, [state, experts, question, max_new], [status, budget] + panel, api_visibility=PRIVATE)
+        for trigger in (ask.click, question.submit):
+            trigger(on_prepare, [state, question], [chatbot, question, status], queue=False,
+                    api_visibility=PRIVATE).then(on_generate, gen_in, gen_out, api_visibility=PRIVATE)
+        regen.click(on_prepare_regen, [state], [chatbot, status], queue=False,
+                    api_visibility=PRIVATE).then(on_generate, gen_in, gen_out, api_visibility=PRIVATE)
+        stop.click(on_stop, None, status, queue=False, api_visibility=PRIVATE)
+        clear.click(on_clear, [state, context, max_new], [chatbot, status, budget], queue=False, api_visibility=PRIVATE)
+        chatbot.clear(on_clear, [state, context, max_new], [chatbot, status, budget], queue=False, api_visibility=PRIVATE)
+        for box in (question, context):
+            box.input(on_budget, [state, question, context, max_new], budget, queue=False, show_progress="hidden",
+                      trigger_mode="always_last", api_visibility=PRIVATE)
+        max_new.release(on_budget, [state, question, context, max_new], budget, queue=False, api_visibility=PRIVATE)
+        demo.load(on_load, None, banner, queue=False, api_visibility=PRIVATE)
+
+        # The public API: one stateless call per turn; the client keeps the history.
+        with gr.Column(visible=False):
+            api_image = upload_image(label="image")
+            api_message = gr.Textbox(label="message")
+            api_history = gr.JSON(label="history")
+            api_experts = gr.CheckboxGroup(choices=names, value=[], label="experts")
+            api_answer = gr.Textbox(label="answer")
+            api_details = gr.JSON(label="details")
+            api_button = gr.Button("api")
+
+        def api_chat(image_path: str | None, message: str, history: Any, expert_names: list[str], t: float, p: float,
+                     n: int) -> tuple[str, dict[str, Any]]:
+            return app.api_chat(image_path, message, history, expert_names, t, p, int(n))
+
+        api_button.click(api_chat, [api_image, api_message, api_history, api_experts, temperature, top_p, max_new],
+                         [api_answer, api_details], api_name="chat",
+                         api_description="One chat turn: image, message, earlier [question, answer] pairs and expert "
+                                         "names in; the answer and details (prompt sent, updated history, timing) out.")
     return demo
+
+
+def _banner(app: ChatApp) -> str:
+    lines = []
+    if app.engine is None:
+        lines.append(f"**No model is loaded.** {app.load_error or ''}")
+    lines += [f"**Note:** {n}" for n in app.notices]
+    return "\n\n".join(lines)

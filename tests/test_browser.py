@@ -1,0 +1,175 @@
+"""A real browser on the real page: Debian's chromium, headless, driven through its chromedriver.
+
+The test set-up installs chromium from the distribution's archive (scripts/install-chromium); no test
+tool downloads a browser or a driver (Selenium gets explicit paths, and its Selenium Manager, which
+could download, is made to fail if anything calls it). The browser is told to resolve no host but the
+local one. Skips, with the reason, only when chromium cannot be installed.
+
+The screenshot lands in test-output/browser/chat.png (git-ignored), or under $MM_TEST_OUTPUT.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from app.chat import AppConfig, ChatApp
+from app.ui import build_demo
+from conftest import REPO_ROOT, fixture_path
+from experts import ExpertRunner
+from multimodal.config import build_preset
+from multimodal.generate import Engine
+from multimodal.loading import load_model
+from test_app import StubExpert
+from tiny import write_official_adapter
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+OUTPUT = Path(os.environ.get("MM_TEST_OUTPUT", REPO_ROOT / "test-output")) / "browser"
+
+
+@pytest.fixture(scope="module")
+def chromium() -> Path:
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        try:
+            run = subprocess.run([str(REPO_ROOT / "scripts" / "install-chromium")], capture_output=True, text=True,
+                                 timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            pytest.skip(f"chromium could not be installed: {e}")
+        if run.returncode != 0:
+            pytest.skip(f"chromium could not be installed: {(run.stderr or run.stdout).strip()[-500:]}")
+    pytest.importorskip("selenium", reason="selenium is in requirements-test.txt")
+    return CHROMIUM
+
+
+class SlowEngine(Engine):
+    """The tiny model answers in milliseconds; a pause per piece lets the browser see the stream."""
+
+    def stream(self, *args, **kwargs) -> Iterator[str]:  # type: ignore[override]
+        for piece in super().stream(*args, **kwargs):
+            time.sleep(0.05)
+            yield piece
+
+
+@pytest.fixture(scope="module")
+def page_url(tiny_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    path = tmp_path_factory.mktemp("browser") / "adapter.pth"
+    write_official_adapter(path, build_preset("tiny"), seed=3)
+    engine = SlowEngine(load_model(tiny_files["llama_dir"], tiny_files["tokenizer_path"], tiny_files["clip_path"],
+                                   path, preset="tiny", device="cpu", dtype="float32", max_seq_len=1024))
+    experts = [StubExpert("caption", "Caption: a red double-decker bus on a street"),
+               StubExpert("ocr", '"LONDON"'), StubExpert("detection", "1 bus (centre), 4 people (left)")]
+    app = ChatApp(engine, None, ExpertRunner(experts), AppConfig(default_max_new_tokens=40))
+    demo = build_demo(app)
+    demo.queue(default_concurrency_limit=2)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                            run_history=False)
+    yield url
+    demo.close()
+
+
+@pytest.fixture
+def browser(chromium: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.selenium_manager import SeleniumManager
+
+    def no_downloads(*args: object, **kwargs: object) -> dict:
+        raise AssertionError("Selenium Manager was asked for a browser or driver; nothing may be downloaded")
+
+    monkeypatch.setattr(SeleniumManager, "binary_paths", no_downloads)
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(chromium)
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", "--window-size=1400,1500", f"--user-data-dir={tmp_path / 'profile'}",
+                 "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER), log_output=str(tmp_path / "driver.log")),
+                              options=options)
+    driver.set_page_load_timeout(60)
+    yield driver
+    driver.quit()
+
+
+def wait_for(condition, timeout: float = 60.0, every: float = 0.05):
+    """Poll until condition() is truthy; returns its value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {condition.__doc__ or condition}")
+
+
+def test_upload_ask_and_watch_the_answer_stream(browser, page_url: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    driver = browser
+    bus = fixture_path("images/bus.jpg")
+    driver.get(page_url)
+    find = driver.find_element
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
+    find(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(bus))
+
+    def experts_ran() -> bool:
+        """the expert panel filled for the upload"""
+        return "[detection] 1 bus (centre)" in driver.execute_script(
+            "return document.querySelector('#context textarea').value")
+
+    wait_for(experts_ran)
+    assert "Image: bus.jpg" in find(By.ID, "status").text
+
+    question = "What is in this picture?"
+    find(By.CSS_SELECTOR, "#question textarea").send_keys(question)
+    find(By.ID, "ask").click()
+
+    def answer_text() -> str:
+        """the bot's answer (read in one script call: Gradio re-renders the chat on every token)"""
+        return driver.execute_script(
+            "const b = document.querySelectorAll('#chat [data-testid=bot]');"
+            "return b.length ? b[b.length - 1].innerText.trim() : '';")
+
+    seen: list[str] = []
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        text = answer_text()
+        if text and (not seen or text != seen[-1]):
+            seen.append(text)
+        if "tokens/s" in text:
+            break
+        time.sleep(0.03)
+    final = seen[-1] if seen else ""
+    assert "tokens/s" in final and "experts: caption, ocr, detection" in final, seen[-3:]
+    partial = [s for s in seen if "tokens/s" not in s and s != "…"]
+    assert len(partial) >= 3, f"the answer did not arrive in pieces: {seen}"  # streamed, not all at once
+    assert question in find(By.ID, "chat").text
+    assert "Context budget" in find(By.ID, "budget").text
+
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    shot = OUTPUT / "chat.png"
+    driver.execute_script("window.scrollTo(0, 0)")
+    assert driver.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    print(f"\nscreenshot: {shot}")
+
+    # Stop during a second answer: the stream ends early and the answer says it was stopped
+    find(By.CSS_SELECTOR, "#question textarea").send_keys("Tell me more.")
+    find(By.ID, "ask").click()
+    wait_for(lambda: answer_text() not in ("", "…", final) and "tokens/s" not in answer_text())
+    find(By.ID, "stop").click()
+    stopped = wait_for(lambda: "tokens/s" in answer_text() and answer_text())
+    assert "stopped" in stopped and int(re.search(r"(\d+) tokens ·", stopped).group(1)) < 40, stopped
+
+    # An example image mid-conversation: the chat marks the change
+    driver.execute_script("[...document.querySelectorAll('td, button')].find(e => e.innerText.trim() === "
+                          "'What does the sign say?').click()")
+    wait_for(lambda: "New image: street_sign.png (image 2)" in find(By.ID, "chat").text)
+    assert driver.execute_script("return document.querySelector('#question textarea').value") == "What does the sign say?"
+
+    find(By.ID, "clear").click()
+    wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, "#chat [data-testid=user]"))
