@@ -151,10 +151,15 @@ class Engine:
             return None
         return self.loaded.preprocess(image)[None].to(self.model.device, self.model.dtype)  # [1, 3, H, W]
 
+    def image_prompts(self, image: Image.Image | None) -> list[PromptKV | None]:
+        """Visual tokens and every layer's prompt K/V for one image (None: no image) with the main
+        adapter, cached by pixel hash; safe to call while other requests stream."""
+        with self._lock:
+            return self._image_prompts(image, None)
+
     @torch.inference_mode()
-    def image_prompts(self, image: Image.Image | None, adapter: object = None) -> list[PromptKV | None]:
-        """Visual tokens and every layer's prompt K/V for one image (None: no image), cached by pixel
-        hash and adapter. Call with the adapter in place (``stream`` does)."""
+    def _image_prompts(self, image: Image.Image | None, adapter: object) -> list[PromptKV | None]:
+        """As image_prompts, for the adapter in place; the caller holds the lock."""
         key = (image_key(image) if image is not None else "", adapter)  # the key keeps the adapter alive
         cached = self._image_cache.get(key)
         if cached is not None:
@@ -202,7 +207,7 @@ class Engine:
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
         if prompts is None:
-            prompts = self.image_prompts(image, adapter)
+            prompts = self._image_prompts(image, adapter)
         # Keys/values of a shared prefix are still in the cache when the same prompts and adapter made
         # them (a follow-up turn). At least the last prompt token is run again: its logits are needed.
         reuse = 0
