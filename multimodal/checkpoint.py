@@ -25,7 +25,7 @@ def _load(path: Path) -> Any:
     return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
 
 
-def _names(keys: list[str], limit: int = 12) -> str:
+def preview_names(keys: list[str], limit: int = 12) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
 
@@ -186,7 +186,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterCheckpoint:
         state, config = raw, {}
     bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {_names(bad)}")
+        raise CheckpointError(f"{path}: entries that are not tensors: {preview_names(bad)}")
     ckpt = AdapterCheckpoint({official_to_ours(k): v for k, v in state.items()}, dict(config))
     if config.get("w_lora") and not ckpt.lora_rank:
         raise CheckpointError(f"{path}: config says w_lora but the file has no lora_* tensors")

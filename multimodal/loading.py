@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .adapter import is_base, is_trainable
-from .checkpoint import (AdapterCheckpoint, CheckpointError, StateDict, _names, ours_to_official, read_adapter,
+from .checkpoint import (AdapterCheckpoint, CheckpointError, StateDict, preview_names, ours_to_official, read_adapter,
                          read_meta_llama, read_openai_clip_visual)
 from .config import LlamaConfig, ModelConfig, build_preset
 from .image import ImagePreprocessor
@@ -69,7 +69,7 @@ def copy_into(model: torch.nn.Module, state: StateDict, source: str) -> set[str]
     own = dict(model.named_parameters())
     unknown = [k for k in state if k not in own]  # iterating keys reads no tensor
     if unknown:
-        raise CheckpointError(f"{source} has keys this model does not have: {_names(unknown)}")
+        raise CheckpointError(f"{source} has keys this model does not have: {preview_names(unknown)}")
     for k in state:
         v = state[k]  # one tensor at a time (shards are joined lazily)
         if v.shape != own[k].shape:
@@ -109,10 +109,10 @@ def adapter_state(model: MultimodalLlama, ckpt: AdapterCheckpoint, source: str =
                                   "gives that layer no prompt")
     unknown = [ours_to_official(k) for k in state if k not in own]
     if unknown:
-        raise CheckpointError(f"{source} has keys this model does not have: {_names(unknown)}")
+        raise CheckpointError(f"{source} has keys this model does not have: {preview_names(unknown)}")
     frozen = [k for k in state if not is_trainable(k)]
     if frozen:
-        raise CheckpointError(f"{source} overwrites frozen base weights: {_names(frozen)}")
+        raise CheckpointError(f"{source} overwrites frozen base weights: {preview_names(frozen)}")
     return state
 
 
@@ -163,7 +163,7 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
     loaded |= copy_into(model, {f"clip.{k}": v for k, v in read_openai_clip_visual(clip_path).items()}, f"CLIP file {clip_path}")
     unset = [k for k, _ in model.named_parameters() if is_base(k) and not is_trainable(k) and k not in loaded]
     if unset:
-        raise CheckpointError(f"the base checkpoints lack weights the model needs: {_names(unset)}")
+        raise CheckpointError(f"the base checkpoints lack weights the model needs: {preview_names(unset)}")
     if adapter is not None:
         apply_adapter(model, adapter, f"adapter checkpoint {adapter_path}")
     model.eval().requires_grad_(False)
@@ -191,6 +191,6 @@ def load_llama_only(llama_dir: str | os.PathLike, device: str | torch.device = "
     loaded = copy_into(llama, base, f"LLaMA checkpoint in {llama_dir}")
     unset = [k for k, _ in llama.named_parameters() if k not in loaded]
     if unset:
-        raise CheckpointError(f"LLaMA checkpoint in {llama_dir} lacks: {_names(unset)}")
+        raise CheckpointError(f"LLaMA checkpoint in {llama_dir} lacks: {preview_names(unset)}")
     return llama.eval().requires_grad_(False)
 
