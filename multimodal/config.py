@@ -166,6 +166,11 @@ LLAMA_7B = LlamaConfig(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, mult
 TINY_LLAMA = LlamaConfig(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=512, multiple_of=16, max_seq_len=128)
 TINY_CLIP = ClipVisionConfig(image_size=32, patch_size=8, width=64, layers=2, heads=1, output_dim=24)  # OpenAI format: heads = width / 64
 TINY_RESAMPLER = ResamplerConfig(dim=24, depth=2, heads=2, n_queries=4)
+# The project's own demo model (weights/demo, trained by `python -m multimodal.train demo`): 64 px toy-world
+# images, 8 px patches; OpenAI-format CLIP fixes heads = width / 64.
+DEMO_LLAMA = LlamaConfig(dim=128, n_layers=4, n_heads=4, vocab_size=800, multiple_of=32)
+DEMO_CLIP = ClipVisionConfig(image_size=64, patch_size=8, width=64, layers=2, heads=1, output_dim=64)
+DEMO_RESAMPLER = ResamplerConfig(dim=128, depth=2, heads=4, n_queries=8)
 
 
 def _official(llama: LlamaConfig) -> ModelConfig:
@@ -197,11 +202,21 @@ def _tiny_early(llama: LlamaConfig) -> ModelConfig:
                        AdapterConfig(adapter_layers=last(n - 2, n), visual_layers=first(2), prompt_len=3, scale=True))
 
 
+def _demo(llama: LlamaConfig) -> ModelConfig:
+    n = llama.n_layers
+    k = max(1, n // 2)
+    # v2-early on the demo's tiny LLaMA: visual tokens in the first half of the layers, adaption prompts in
+    # the second half; disjoint, so the gates train from captions and instructions respectively.
+    return ModelConfig("demo", llama, DEMO_CLIP, DEMO_RESAMPLER,
+                       AdapterConfig(adapter_layers=last(n - k, n), visual_layers=first(k), prompt_len=8, scale=True))
+
+
 _PRESETS = {
     "official-7b": (_official, LLAMA_7B),
     "v2-early": (_v2_early, LLAMA_7B),
     "tiny": (_tiny, TINY_LLAMA),
     "tiny-early": (_tiny_early, TINY_LLAMA),
+    "demo": (_demo, DEMO_LLAMA),
 }
 PRESETS: tuple[str, ...] = tuple(_PRESETS)
 

@@ -1,0 +1,89 @@
+"""The committed demo model (weights/demo): loads the way the app loads it, reads colour from the image,
+and loses what it reads when the visual gates are zeroed. It is committed, so a missing file is a
+failure, not a skip.
+
+The issue's bar (90% on colour, shape, count and position together) is NOT met by this model: it
+scores about 42% overall (colour 98%, shape/count/position near chance); see weights/demo/README.md.
+These tests pin what it does achieve, so a regression in the visual path still fails them."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from multimodal.adapter import is_trainable
+from multimodal.checkpoint import official_to_ours, read_openai_clip_visual
+from multimodal.evaluate import TYPES, accuracy, chance, held_out, visual_gates_zeroed
+from multimodal.generate import Engine, SamplingParams
+from multimodal.loading import LoadedModel
+from multimodal.options import DEMO_FILES, ModelOptions
+from multimodal.prompt import CAPTION_INSTRUCTION, format_chat, format_prompt
+from multimodal.toyworld import Scene, render, sample_scene
+
+DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"
+N, SEED = 100, 4321  # a fixed held-out set, different from the README's (200, 1234)
+
+
+@pytest.fixture(scope="module")
+def demo() -> LoadedModel:
+    missing = [f for f in DEMO_FILES if not (DEMO / f).is_file()]
+    assert not missing, f"the committed demo model is incomplete: {missing} missing in {DEMO}"
+    return ModelOptions(model="demo", weights_dir=str(DEMO.parent), device="cpu").load()
+
+
+@pytest.fixture(scope="module")
+def engine(demo: LoadedModel) -> Engine:
+    return Engine(demo)
+
+
+def test_files_are_small_and_in_the_real_formats(demo: LoadedModel) -> None:
+    total = sum((DEMO / f).stat().st_size for f in DEMO_FILES)
+    assert total < 20e6, f"{total / 1e6:.1f} MB"
+    params = json.loads((DEMO / "params.json").read_text())
+    assert set(params) <= {"dim", "n_layers", "n_heads", "n_kv_heads", "multiple_of", "norm_eps", "vocab_size"}
+    meta = torch.load(DEMO / "consolidated.00.pth", weights_only=True)
+    assert "layers.0.attention.wq.weight" in meta and "tok_embeddings.weight" in meta  # Meta's key names
+    assert "conv1.weight" in read_openai_clip_visual(DEMO / "clip.pt")
+    raw = torch.load(DEMO / "adapter.pth", weights_only=True)
+    keys = {official_to_ours(k) for k in raw["model"]}
+    assert keys == set(demo.model.trainable_state_dict()) and all(is_trainable(k) for k in keys)
+    tok = demo.tokenizer
+    assert (tok.sp.unk_id(), tok.bos_id, tok.eos_id, tok.pad_id) == (0, 1, 2, -1)
+    assert demo.config.name == "demo" and not set(demo.config.adapter.visual_layers) & set(demo.config.adapter.adapter_layers)
+
+
+def test_answers_come_from_the_image_through_the_visual_gates(demo: LoadedModel, engine: Engine) -> None:
+    items = held_out(N, SEED)
+    gates = {i: demo.model.llama.layers[i].attention.prompt_gate.gate.clone() for i in demo.config.adapter.visual_layers}
+    with_gates = accuracy(engine, items)
+    with visual_gates_zeroed(demo.model):
+        assert all(not demo.model.llama.layers[i].attention.prompt_gate.gate.any() for i in gates)
+        without = accuracy(engine, items)
+    assert all(torch.equal(demo.model.llama.layers[i].attention.prompt_gate.gate, g) for i, g in gates.items())
+    base = chance(items)
+    report = {t: (with_gates[t], without[t], base[t]) for t in (*TYPES, "overall")}
+    assert with_gates["colour"] >= 0.9, report  # what this model does reliably
+    assert with_gates["overall"] >= without["overall"] + 0.25, report  # the image is what it answers from
+    assert all(without[t] <= base[t] + 0.15 for t in TYPES), report  # no image, no better than chance
+
+
+def test_answers_follow_ups_and_captions_in_the_apps_prompt_layout(engine: Engine) -> None:
+    greedy = SamplingParams(max_new_tokens=24, temperature=0.0)
+    scene = Scene("shapes", "blue", "triangle", 1, "big", "right", layout=((0.75, 0.5),), background=250)
+    image = render(scene)
+    assert engine.complete(format_prompt("What colour is the shape?"), image, greedy).strip() == "blue"
+    follow_up = format_chat("What colour is the shape?", [("Where is the shape?", "right")])
+    assert engine.complete(follow_up, image, greedy).strip() == "blue"
+    caption = engine.complete(format_prompt(CAPTION_INSTRUCTION), image, greedy)
+    assert "blue" in caption
+
+
+def test_different_images_get_different_answers(engine: Engine) -> None:
+    import random
+
+    rng = random.Random(7)
+    colours = {engine.complete(format_prompt("What colour is the shape?"), render(sample_scene(rng, {"colour": c})),
+                               SamplingParams(max_new_tokens=4, temperature=0.0)).strip() for c in ("red", "green", "yellow")}
+    assert colours == {"red", "green", "yellow"}
