@@ -135,12 +135,15 @@ class LoadedModel:
 def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, clip_path: str | os.PathLike,
                adapter_path: str | os.PathLike | None = None, preset: str = "official-7b",
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               max_seq_len: int | None = None, bgr: bool | None = None, quantize: str | None = None) -> LoadedModel:
+               max_seq_len: int | None = None, bgr: bool | None = None, quantize: str | None = None,
+               lora_rank: int | None = None) -> LoadedModel:
     """Meta LLaMA directory + tokenizer + OpenAI CLIP file (+ adapter checkpoint) -> a ready model.
 
     ``bgr`` overrides the preset's channel order (the official preset feeds BGR, as the released
     checkpoints were trained). ``quantize="int8"`` loads on the CPU, then moves the LLaMA to the
-    device layer by layer with int8 weights (see quantize.py)."""
+    device layer by layer with int8 weights (see quantize.py). ``lora_rank`` gives the model LoRA of
+    that rank (zero-initialised where the adapter file has none, e.g. to train it); by default the
+    model has the LoRA the adapter file has."""
     target = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype, target)
     if quantize not in (None, "int8"):
@@ -154,9 +157,9 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
         raise CheckpointError(f"params.json says vocab_size {llama_cfg.vocab_size}, the tokenizer has {tokenizer.n_words}")
     cfg = build_preset(preset, llama_cfg)
     adapter = read_adapter(adapter_path) if adapter_path is not None else None
-    if adapter is not None:
-        cfg = cfg.with_adapter(lora_rank=adapter.lora_rank, new_gate=adapter.has_new_gate,
-                               scale=cfg.adapter.scale or adapter.has_scale)
+    rank = lora_rank if lora_rank is not None else (adapter.lora_rank if adapter else cfg.adapter.lora_rank)
+    new_gate = bool(rank) or (adapter.has_new_gate if adapter else cfg.adapter.new_gate)  # LORA-BIAS files carry one
+    cfg = cfg.with_adapter(lora_rank=rank, new_gate=new_gate, scale=cfg.adapter.scale or bool(adapter and adapter.has_scale))
     model = build_empty(cfg, device, dtype)
     loaded = copy_into(model, _Prefixed(base, "llama."), f"LLaMA checkpoint in {llama_dir}")
     del base
