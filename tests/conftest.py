@@ -1,6 +1,7 @@
 """Shared test helpers: where the real fixtures live, and skipping when one is absent."""
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import traceback
@@ -92,3 +93,21 @@ def no_network() -> Iterator[list[object]]:
         mp.setattr(socket, "getaddrinfo", getaddrinfo)
         yield attempts
     assert not attempts, f"network access was attempted: {attempts}"
+
+
+# --- the app on a local server ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serve_app(app: object) -> Iterator[str]:
+    """The chat page for ``app`` (an app.chat.ChatApp) on 127.0.0.1 at a free port; yields its URL."""
+    from app.ui import build_demo
+
+    demo = build_demo(app)
+    demo.queue(default_concurrency_limit=2)
+    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
+                            run_history=False)
+    try:
+        yield url
+    finally:
+        demo.close()

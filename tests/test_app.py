@@ -20,7 +20,7 @@ from app.chat import AppConfig, ChatApp, ChatError
 from app.prompting import PromptBudgetError, assemble
 from app.state import ChatSession, Notice
 from app.ui import EXAMPLES, EXAMPLES_DIR, build_demo
-from conftest import fixture_path
+from conftest import serve_app, fixture_path
 from experts import Expert, ExpertRunner, Output
 from multimodal.config import build_preset
 from multimodal.generate import Engine, GenerationStats
@@ -393,12 +393,8 @@ def test_examples_are_small_own_images() -> None:
 @pytest.fixture(scope="module")
 def server(engine: Engine) -> Iterator[str]:
     app = make_app(engine)
-    demo = build_demo(app)
-    demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                            run_history=False)
-    yield url
-    demo.close()
+    with serve_app(app) as url:
+        yield url
 
 
 def test_two_turn_conversation_over_the_api(server: str) -> None:

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 
 from app.chat import AppConfig, ChatApp
-from app.ui import build_demo
-from conftest import REPO_ROOT, fixture_path
+from conftest import serve_app, REPO_ROOT, fixture_path
 from experts import ExpertRunner
 from multimodal.config import build_preset
 from multimodal.generate import Engine
@@ -64,12 +63,8 @@ def page_url(tiny_files: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     experts = [StubExpert("caption", "Caption: a red double-decker bus on a street"),
                StubExpert("ocr", '"LONDON"'), StubExpert("detection", "1 bus (centre), 4 people (left)")]
     app = ChatApp(engine, None, ExpertRunner(experts), AppConfig(default_max_new_tokens=40))
-    demo = build_demo(app)
-    demo.queue(default_concurrency_limit=2)
-    _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                            run_history=False)
-    yield url
-    demo.close()
+    with serve_app(app) as url:
+        yield url
 
 
 @pytest.fixture
