@@ -89,3 +89,24 @@ def test_collate_pads_right_and_never_labels_padding() -> None:
     assert batch["tokens"].tolist() == [[1, 5, 6], [1, 7, 0]]
     assert batch["labels"].tolist() == [[IGNORE, 5, 6], [IGNORE, 7, IGNORE]]
     assert batch["pixels"].shape == (2, 3, 4, 4)
+
+
+def test_image_cache_decodes_each_image_once_and_gives_the_same_pixels(tiny_files: dict[str, Path], tmp_path: Path) -> None:
+    from PIL import Image
+
+    from multimodal.config import TINY_CLIP
+    from multimodal.image import ImageError, ImagePreprocessor
+    from multimodal.train.data import SampleDataset
+
+    path = tmp_path / "red.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(path)
+    samples = [Sample(format_prompt(CAPTION_INSTRUCTION), "red", path)]
+    tok, pre = Tokenizer(tiny_files["tokenizer_path"]), ImagePreprocessor(TINY_CLIP)
+    plain = SampleDataset(samples, tok, pre, TINY_CLIP.image_size, 64)
+    cached = SampleDataset(samples, tok, pre, TINY_CLIP.image_size, 64, cache_images=True)
+    expected = pre(Image.open(path).convert("RGB"))
+    assert torch.equal(plain[0][2], expected) and torch.equal(cached[0][2], expected)
+    path.unlink()  # a cached image is not read again; an uncached one is
+    assert torch.equal(cached[0][2], expected)
+    with pytest.raises(ImageError, match="not found"):
+        plain[0]

@@ -16,20 +16,14 @@ Examples:
 """
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields, replace
+from pathlib import Path
 
-# Passive OpenMP waiting, set before torch loads its OpenMP runtime: on a CPU shared with other busy
-# processes, spinning worker threads wait on each other and a 2-thread step can take ten times longer.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from dataclasses import fields, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import torch  # noqa: E402
+import torch
 
 from ..config import PRESETS
 from .data import read_captions, read_instructions
@@ -61,8 +55,10 @@ def _adapter_args(p: argparse.ArgumentParser) -> None:
         if f.name == "phase":
             continue
         flag = "--" + f.name.replace("_", "-")
-        if f.type == "bool" or isinstance(getattr(defaults, f.name), bool):
-            p.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", default=getattr(defaults, f.name))
+        if isinstance(getattr(defaults, f.name), bool):  # on by default: --no-X; off by default: --X
+            on = getattr(defaults, f.name)
+            p.add_argument("--no-" + f.name.replace("_", "-") if on else flag, dest=f.name,
+                           action="store_false" if on else "store_true", default=on)
         else:
             kind = type(getattr(defaults, f.name))
             p.add_argument(flag, type=kind, default=getattr(defaults, f.name), help=f"default {getattr(defaults, f.name)}")

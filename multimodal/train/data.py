@@ -125,9 +125,12 @@ class SampleDataset(Dataset):
     sample gets an all-zero (mean-colour) image, which is what the model's "no image" means."""
 
     def __init__(self, samples: list[Sample], tokenizer: Tokenizer, preprocess: ImagePreprocessor,
-                 image_size: int, max_len: int) -> None:
+                 image_size: int, max_len: int, cache_images: bool = False) -> None:
         self.samples, self.tokenizer, self.preprocess = samples, tokenizer, preprocess
         self.image_size, self.max_len = image_size, max_len
+        # decoded, preprocessed images kept in memory (per DataLoader worker): for small data sets seen for
+        # many epochs, such as the demo's toy world, where decoding would otherwise cost every step
+        self._pixels: dict[Path, torch.Tensor] | None = {} if cache_images else None
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -137,8 +140,12 @@ class SampleDataset(Dataset):
         ids, labels = encode(self.tokenizer, s, self.max_len)
         if s.image is None:
             pixels = torch.zeros(3, self.image_size, self.image_size)
+        elif self._pixels is not None and s.image in self._pixels:
+            pixels = self._pixels[s.image]
         else:
             pixels = self.preprocess(open_image(s.image))
+            if self._pixels is not None:
+                self._pixels[s.image] = pixels
         return ids, labels, pixels
 
 

@@ -49,6 +49,7 @@ class TrainConfig:
     stop_at: int = 0  # stop (with a checkpoint) after this step, e.g. before a job's time runs out; 0: run to the end
     seed: int = 0
     workers: int = 0  # DataLoader worker processes
+    cache_images: bool = False  # keep decoded images in memory (small data sets only, e.g. the demo's)
     progress: bool = True
 
 
@@ -153,7 +154,7 @@ def train_adapter(loaded: LoadedModel, captions: list[Sample], instructions: lis
     net = wrap(model, world, device)
     size = model.config.clip.image_size
     streams: dict[str, Iterator[dict[str, torch.Tensor]]] = {
-        name: endless(SampleDataset(data, loaded.tokenizer, loaded.preprocess, size, cfg.max_len), cfg.batch_size,
+        name: endless(SampleDataset(data, loaded.tokenizer, loaded.preprocess, size, cfg.max_len, cfg.cache_images), cfg.batch_size,
                       cfg.seed + _STREAM_SEED[name], world.distributed, cfg.workers, skip=start * cfg.grad_accum)
         for name, _, data in kinds}
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
