@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
@@ -74,6 +74,28 @@ class Scene:
         return ("colour", "shape", "count") + single + ("describe",)
 
 
+# Every attribute an image can be labelled with, and its classes (a label is an index into these).
+LABELS: dict[str, tuple[str, ...]] = {**ANSWERS, "size": tuple(SIZES), "word": WORDS}
+NO_LABEL = -100  # the attribute does not apply (position of several shapes, colour of a word); PyTorch's ignore_index
+
+
+def labels(scene: Scene) -> dict[str, int]:
+    """The scene's class index per attribute of ``LABELS``, ``NO_LABEL`` where it does not apply."""
+    value = {"colour": scene.colour, "shape": scene.shape, "count": COUNTS[scene.count - 1] if scene.count else "",
+             "position": scene.position, "size": scene.size if scene.count == 1 else "", "word": scene.word}
+    return {k: LABELS[k].index(value[k]) if value[k] in LABELS[k] else NO_LABEL for k in LABELS}
+
+
+def read_scenes(path: str | Path) -> dict[str, Scene]:
+    """scenes.jsonl as written by :func:`generate_world`: image path -> its scene."""
+    out = {}
+    for line in Path(path).read_text().splitlines():
+        row = json.loads(line)
+        image = row.pop("image")
+        out[image] = Scene(**{**row, "layout": tuple(tuple(p) for p in row["layout"])})
+    return out
+
+
 def caption(scene: Scene) -> str:
     if scene.kind == "word":
         return f'The word "{scene.word}" written in black.'
@@ -82,9 +104,11 @@ def caption(scene: Scene) -> str:
     return f"{COUNTS[scene.count - 1].capitalize()} {scene.size} {scene.colour} {scene.shape}s."
 
 
-def sample_scene(rng: random.Random, fix: dict[str, str] | None = None, word_rate: float = 0.12) -> Scene:
+def sample_scene(rng: random.Random, fix: dict[str, str] | None = None, word_rate: float = 0.12,
+                 single_rate: float | None = None) -> Scene:
     """A random scene; ``fix`` pins attributes (e.g. {"count": "one"}) so an evaluation set can be
-    balanced on the attribute it asks about."""
+    balanced on the attribute it asks about. ``single_rate``: the share of one-shape scenes (default:
+    counts uniform, so a quarter)."""
     fix = fix or {}
     background = rng.randint(225, 255)
     if not fix and rng.random() < word_rate:
@@ -94,8 +118,12 @@ def sample_scene(rng: random.Random, fix: dict[str, str] | None = None, word_rat
     shape = fix.get("shape") or rng.choice(SHAPES)
     if "position" in fix:
         count = 1
+    elif "count" in fix:
+        count = COUNTS.index(fix["count"]) + 1
+    elif single_rate is not None:
+        count = 1 if rng.random() < single_rate else rng.randint(2, 4)
     else:
-        count = COUNTS.index(fix["count"]) + 1 if "count" in fix else rng.randint(1, 4)
+        count = rng.randint(1, 4)
     if count == 1:
         size = rng.choice(tuple(SIZES))
         position = fix.get("position") or rng.choice(tuple(POSITIONS))
@@ -183,26 +211,30 @@ def instructions(rng: random.Random, n: int) -> list[dict[str, str]]:
     return out
 
 
-def generate_world(root: str | Path, n_images: int, n_instructions: int, seed: int, image_size: int = 64) -> dict[str, Path]:
+def generate_world(root: str | Path, n_images: int, n_instructions: int, seed: int, image_size: int = 64,
+                   single_rate: float | None = None) -> dict[str, Path]:
     """Write a world to ``root``: images/*.png, captions.jsonl (image + caption), conversations.json
-    (LLaVA format, 1-3 turns), instructions.json (Alpaca format). Returns the three data files."""
+    (LLaVA format, 1-3 turns), instructions.json (Alpaca format), and scenes.jsonl (what each image
+    shows, for labels). Returns the four data files."""
     root = Path(root)
     (root / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
-    captions, convs = [], []
+    captions, convs, scenes = [], [], []
     for i in range(n_images):
-        scene = sample_scene(rng)
+        scene = sample_scene(rng, single_rate=single_rate)
         name = f"images/{i:06d}.png"
         render(scene, image_size).save(root / name)
         captions.append({"image": name, "caption": caption(scene)})
+        scenes.append({"image": name, **asdict(scene)})
         turns = conversation(scene, rng, rng.choice((1, 1, 2, 3)))
         messages = []
         for t, (q, a) in enumerate(turns):
             messages += [{"from": "human", "value": f"<image>\n{q}" if t == 0 else q}, {"from": "gpt", "value": a}]
         convs.append({"id": f"{i:06d}", "image": name, "conversations": messages})
     files = {"captions": root / "captions.jsonl", "conversations": root / "conversations.json",
-             "instructions": root / "instructions.json"}
+             "instructions": root / "instructions.json", "scenes": root / "scenes.jsonl"}
     files["captions"].write_text("".join(json.dumps(c) + "\n" for c in captions))
     files["conversations"].write_text(json.dumps(convs))
     files["instructions"].write_text(json.dumps(instructions(rng, n_instructions)))
+    files["scenes"].write_text("".join(json.dumps(s) + "\n" for s in scenes))
     return files

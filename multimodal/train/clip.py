@@ -5,10 +5,26 @@ the demo's own SentencePiece ids.
 The toy world repeats captions (many images are "A small red circle on the left."), so plain CLIP
 targets would call identical captions negatives. Targets are instead spread evenly over every pair in
 the batch whose captions are identical: a supervised-contrastive form of the same loss.
+
+Contrastive learning alone is slow to teach a tower this small anything beyond colour: in a batch of
+128 the caption that differs from an image's own only in position or count is rarely there. Measured
+with a linear probe on the image embedding (held-out images): contrastive only, 2 layers, 300-600
+steps, width 64-128: colour 100%, shape 60-89%, count 34-78%, position 24-37%. The world's labels are
+known, though, so ``attributes`` adds a cross-entropy per attribute from linear heads (thrown away
+afterwards) on two views of the output: the CLS embedding, and the mean of all output tokens. The mean
+is there for the adapter: the resampler's queries start out attending almost uniformly to every CLIP
+token, so what the mean carries is what reaches the language model first (measured: the adapter's
+caption loss after 300 steps fell from 0.46 to 0.39 with it).
+
+Held-out accuracy of the heads on the CLS embedding, 600 steps on 6000 images, 4 layers:
+width 64, lr 2e-3: shape 71%, count 86%, position 96%; width 64, lr 1e-3: 68%, 92%, 97%;
+width 64, lr 5e-3: 51%, 56%, 44%; width 128, lr 2e-3: 95%, 89%, 99%; width 128, lr 1e-3 (the demo's):
+98%, 97%, 99%. Colour is 100% in every case.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import open_clip
@@ -18,6 +34,7 @@ from tqdm import tqdm
 
 from ..config import ClipVisionConfig
 from ..tokenizer import Tokenizer
+from ..visual import clip_tokens
 
 
 def build_clip(cfg: ClipVisionConfig, vocab_size: int, eos_id: int, context_length: int = 24,
@@ -40,14 +57,24 @@ def text_ids(tokenizer: Tokenizer, captions: list[str], context_length: int) -> 
     return out
 
 
+@dataclass
+class ClipLosses:
+    contrastive: list[float] = field(default_factory=list)  # per step
+    attributes: list[float] = field(default_factory=list)  # per step: sum of the attribute cross-entropies (0 without)
+
+
 def train_clip(model: open_clip.model.CLIP, pixels: torch.Tensor, texts: torch.Tensor, caption_ids: torch.Tensor,
                steps: int, batch_size: int = 128, lr: float = 2e-3, warmup: int = 20, seed: int = 0,
-               progress: bool = True) -> list[float]:
+               attributes: dict[str, torch.Tensor] | None = None, progress: bool = True) -> ClipLosses:
     """pixels [N, 3, H, W] (preprocessed), texts [N, L] token ids, caption_ids [N] (equal for identical
-    captions). Returns the loss per step; the model is left frozen in eval mode."""
+    captions), attributes: optional name -> [N] class indices (-100 where it does not apply). Returns the
+    losses per step; the model is left frozen in eval mode."""
     g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
-    losses: list[float] = []
+    attributes = {k: v for k, v in (attributes or {}).items() if (v != -100).any()}
+    embed_dim = model.text_projection.shape[1]
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(embed_dim, int(v.max()) + 1) for k, v in attributes.items()})
+    opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
+    losses = ClipLosses()
     model.train()
     bar = tqdm(range(steps), desc="clip", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -55,18 +82,25 @@ def train_clip(model: open_clip.model.CLIP, pixels: torch.Tensor, texts: torch.T
         for group in opt.param_groups:
             group["lr"] = lr * max(scale, 0.02)
         idx = torch.randint(len(pixels), (batch_size,), generator=g)
-        image_emb, text_emb, logit_scale = model(pixels[idx], texts[idx])  # [B, E], [B, E] (normalised), scalar
-        logits = logit_scale * image_emb @ text_emb.T  # [B, B]
+        tokens = clip_tokens(model.visual, pixels[idx])  # [B, N, E]: what the resampler reads
+        features = tokens[:, 0]  # CLS, = model.encode_image (before normalisation)
+        image_emb = F.normalize(features, dim=-1)
+        text_emb = model.encode_text(texts[idx], normalize=True)  # [B, E]
+        logits = model.logit_scale.exp() * image_emb @ text_emb.T  # [B, B]
         same = (caption_ids[idx][:, None] == caption_ids[idx][None, :]).float()  # [B, B]
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+        views = (features, tokens.mean(1))  # [B, E] each: the CLS token, and the mean of all tokens
+        supervised = sum((F.cross_entropy(heads[k](view), v[idx], ignore_index=-100) for k, v in attributes.items()
+                          if (v[idx] != -100).any() for view in views), torch.zeros(()))
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + supervised).backward()
         opt.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        losses.contrastive.append(loss.item())
+        losses.attributes.append(float(supervised.detach()))
+        bar.set_postfix(loss=f"{loss.item():.3f}", attributes=f"{losses.attributes[-1]:.3f}")
     model.eval().requires_grad_(False)
     return losses
 
