@@ -169,7 +169,7 @@ TINY_RESAMPLER = ResamplerConfig(dim=24, depth=2, heads=2, n_queries=4)
 # The project's own demo model (weights/demo, trained by `python -m multimodal.train demo`): 64 px toy-world
 # images, 8 px patches; OpenAI-format CLIP fixes heads = width / 64.
 DEMO_LLAMA = LlamaConfig(dim=128, n_layers=4, n_heads=4, vocab_size=800, multiple_of=32)
-DEMO_CLIP = ClipVisionConfig(image_size=64, patch_size=8, width=64, layers=2, heads=1, output_dim=64)
+DEMO_CLIP = ClipVisionConfig(image_size=64, patch_size=8, width=128, layers=4, heads=2, output_dim=64)
 DEMO_RESAMPLER = ResamplerConfig(dim=128, depth=2, heads=4, n_queries=8)
 
 

@@ -3,8 +3,9 @@ and loses what it reads when the visual gates are zeroed. It is committed, so a 
 failure, not a skip.
 
 The issue's bar (90% on colour, shape, count and position together) is NOT met by this model: it
-scores about 42% overall (colour 98%, shape/count/position near chance); see weights/demo/README.md.
-These tests pin what it does achieve, so a regression in the visual path still fails them."""
+scores 74% overall on the README's set (colour 100%, shape 84%, count 96%, position at chance); see
+weights/demo/README.md. These tests pin what it does achieve, so a regression in the visual path still
+fails them."""
 from __future__ import annotations
 
 import json
@@ -64,8 +65,9 @@ def test_answers_come_from_the_image_through_the_visual_gates(demo: LoadedModel,
     assert all(torch.equal(demo.model.llama.layers[i].attention.prompt_gate.gate, g) for i, g in gates.items())
     base = chance(items)
     report = {t: (with_gates[t], without[t], base[t]) for t in (*TYPES, "overall")}
-    assert with_gates["colour"] >= 0.9, report  # what this model does reliably
-    assert with_gates["overall"] >= without["overall"] + 0.25, report  # the image is what it answers from
+    assert min(with_gates["colour"], with_gates["count"]) >= 0.9, report  # what this model does reliably
+    assert with_gates["shape"] >= 0.8, report
+    assert with_gates["overall"] >= without["overall"] + 0.4, report  # the image is what it answers from
     assert all(without[t] <= base[t] + 0.15 for t in TYPES), report  # no image, no better than chance
 
 

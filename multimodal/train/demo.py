@@ -22,9 +22,9 @@ import torch
 from ..config import DEMO_CLIP, DEMO_LLAMA
 from ..evaluate import evaluate, load_weights, report
 from ..image import ImagePreprocessor, open_image
-from ..prompt import format_chat
+from ..prompt import CAPTION_INSTRUCTION, format_chat
 from ..tokenizer import Tokenizer
-from ..toyworld import generate_world
+from ..toyworld import LABELS, generate_world, labels, read_scenes
 from .build import load_for_training
 from .clip import build_clip, save_openai_clip, text_ids, train_clip
 from .data import Sample, read_captions, read_instructions
@@ -34,8 +34,8 @@ from .tokenizer import train_tokenizer
 from .trainer import TrainConfig, train_adapter
 
 
-DEMO_ADAPTER = TrainConfig(phase="joint", steps=1100, batch_size=32, lr=5e-3, warmup_steps=30, weight_decay=0.02,
-                           max_len=96)
+DEMO_ADAPTER = TrainConfig(phase="joint", steps=1800, batch_size=32, lr=5e-3, warmup_steps=30, weight_decay=0.02,
+                           max_len=96, cache_images=True)
 
 
 @dataclass(frozen=True)
@@ -43,14 +43,20 @@ class DemoPlan:
     """Every size and step count of the demo recipe (the defaults are what weights/demo was built with)."""
 
     images: int = 6000
+    # share of one-shape scenes, the only ones with a position; None: counts uniform (a quarter). One run
+    # with 0.4 (and other changes) moved position 16% -> 48% but shape 84% -> 48% (docs/training.md)
+    single_rate: float | None = None
     instructions: int = 2000
     vocab_size: int = 800
-    lm_steps: int = 300
+    lm_steps: int = 1000
     lm_batch: int = 32
-    lm_seq_len: int = 64
-    clip_images: int = 4000
-    clip_steps: int = 150
+    lm_seq_len: int = 128  # holds a whole question with its caption context (about 55 tokens) twice
+    lm_lr: float = 5e-3
+    context_repeats: int = 2  # the samples with a caption in context, repeated in the LM's text (see with_caption_context)
+    clip_images: int = 6000
+    clip_steps: int = 600
     clip_batch: int = 128
+    clip_lr: float = 1e-3
     adapter: TrainConfig = field(default_factory=lambda: replace(DEMO_ADAPTER))
     eval_n: int = 200
     eval_seed: int = 1234
@@ -65,12 +71,19 @@ class DemoPlan:
 
 
 def with_caption_context(files: dict[str, Path]) -> list[Sample]:
-    """Text-only questions whose answer is in the prompt, as the app lays out the caption expert's output
-    (``Caption: ...`` in the Input section). Pretraining the language model on them teaches it to copy an
-    attribute word from its context to the answer, a circuit the visual tokens can then drive: an
-    LM that only ever guessed answers from the question has no reason to listen to its context."""
+    """Text-only samples whose answer is in the prompt, laid out as the app lays out the caption
+    expert's output (``Caption: ...`` in the Input section): every question of the conversations, and the
+    caption instruction itself, with the image's caption as context.
+
+    Why: the adapter's visual tokens can only steer circuits the frozen language model already has. A
+    model that only ever guessed attribute words from the question has no circuit that reads them from
+    its context, and then even perfect visual information barely moves it (measured: with an oracle
+    table of visual tokens per attribute, the caption loss stalls at 0.44 nats per token; after this
+    pretraining it falls to 0.09 in the same steps). Pretraining on these samples builds the circuit
+    that copies an attribute from context to the answer, which the visual tokens then drive.
+    """
     caption_of = {json.loads(line)["image"]: json.loads(line)["caption"] for line in files["captions"].read_text().splitlines()}
-    out = []
+    out = [Sample(format_chat(CAPTION_INSTRUCTION, context=f"Caption: {c}"), c, None) for c in caption_of.values()]
     for item in json.loads(files["conversations"].read_text()):
         context = f"Caption: {caption_of[item['image']]}"
         turns = item["conversations"]
@@ -94,7 +107,8 @@ def build_demo(out: str | Path, seed: int = 0, plan: DemoPlan = DemoPlan(), work
     start = time.perf_counter()
     try:
         t = time.perf_counter()
-        files = generate_world(work / "world", plan.images, plan.instructions, seed, DEMO_CLIP.image_size)
+        files = generate_world(work / "world", plan.images, plan.instructions, seed, DEMO_CLIP.image_size,
+                               plan.single_rate)
         captions = read_captions(files["captions"])
         instructions = read_instructions(files["conversations"]) + read_instructions(files["instructions"])
         contexted = with_caption_context(files)
@@ -107,10 +121,10 @@ def build_demo(out: str | Path, seed: int = 0, plan: DemoPlan = DemoPlan(), work
 
         t = time.perf_counter()
         docs = [tokenizer.encode(s.prompt, bos=True) + tokenizer.encode(s.answer, bos=False, eos=True)
-                for s in captions + instructions + contexted]
+                for s in captions + instructions + contexted * plan.context_repeats]
         llama_cfg = replace(DEMO_LLAMA, vocab_size=tokenizer.n_words)
-        lm, lm_losses = pretrain_lm(docs, llama_cfg, plan.lm_steps, plan.lm_batch, plan.lm_seq_len, seed=seed,
-                                    progress=progress)
+        lm, lm_losses = pretrain_lm(docs, llama_cfg, plan.lm_steps, plan.lm_batch, plan.lm_seq_len, lr=plan.lm_lr,
+                                    seed=seed, progress=progress)
         save_meta_llama(lm, out)
         del lm
         times["language model"] = time.perf_counter() - t
@@ -122,8 +136,11 @@ def build_demo(out: str | Path, seed: int = 0, plan: DemoPlan = DemoPlan(), work
         pixels = torch.stack([pre(open_image(s.image)) for s in subset])  # [N, 3, H, W]
         names = sorted({s.answer for s in subset})
         caption_ids = torch.tensor([names.index(s.answer) for s in subset])
+        scenes = read_scenes(files["scenes"])
+        rows = [labels(scenes[Path(s.image).relative_to(files["scenes"].parent).as_posix()]) for s in subset]
+        attributes = {k: torch.tensor([r[k] for r in rows]) for k in LABELS}  # name -> [N]
         clip_losses = train_clip(clip, pixels, text_ids(tokenizer, [s.answer for s in subset], 24), caption_ids,
-                                 plan.clip_steps, plan.clip_batch, seed=seed, progress=progress)
+                                 plan.clip_steps, plan.clip_batch, lr=plan.clip_lr, seed=seed, attributes=attributes, progress=progress)
         save_openai_clip(clip, out / "clip.pt")
         del clip, pixels
         times["clip"] = time.perf_counter() - t
@@ -144,7 +161,8 @@ def build_demo(out: str | Path, seed: int = 0, plan: DemoPlan = DemoPlan(), work
         summary = {
             "seed": seed, "plan": asdict(plan), "times_s": times, "evaluation": results,
             "evaluation_report": report(results, plan.eval_n, plan.eval_seed),
-            "losses": {"language model": (lm_losses[0], lm_losses[-1]), "clip": (clip_losses[0], clip_losses[-1]),
+            "losses": {"language model": (lm_losses[0], lm_losses[-1]), "clip": (clip_losses.contrastive[0], clip_losses.contrastive[-1]),
+                       "clip attributes": (clip_losses.attributes[0], clip_losses.attributes[-1]),
                        "adapter caption": (result.history[0].get("caption"), result.history[-1].get("caption")),
                        "adapter instruction": (result.history[0].get("instruction"), result.history[-1].get("instruction"))},
         }

@@ -54,10 +54,17 @@ It ran in **{total_time}** on this machine ({machine}, torch {torch}, {threads} 
 |---|---|---|
 | 1 world | {images} images ({size} px) with captions and 1-3 turn conversations, {instructions} text instructions | {t_world} |
 | 2 tokenizer | SentencePiece BPE, {vocab} pieces, on the world's formatted text | {t_tokenizer} |
-| 3 language model | plain next-token training of the whole LLaMA on the same text, plus the questions with a `Caption: ...` context ({lm_steps} steps, loss {lm_loss}); then frozen | {t_lm} |
-| 4 CLIP | contrastive image-caption training of the whole CLIP, identical captions as shared positives ({clip_steps} steps, loss {clip_loss}); then frozen | {t_clip} |
+| 3 language model | plain next-token training of the whole LLaMA on the same text, plus every question and the caption instruction with the image's caption as `Caption: ...` context (repeated {context_repeats}x), so that it learns to answer from its context ({lm_steps} steps, loss {lm_loss}); then frozen | {t_lm} |
+| 4 CLIP | contrastive image-caption training of the whole CLIP, identical captions as shared positives, plus a cross-entropy per labelled attribute from linear heads on the CLS embedding and on the mean of all output tokens (what the resampler's queries see before they learn where to look), heads thrown away afterwards ({clip_steps} steps, contrastive loss {clip_loss}); then frozen | {t_clip} |
 | 5 adapter | joint V2 training, base frozen ({adapter_steps} steps; each step one caption batch and one instruction batch of {batch}; caption loss {cap_loss}, instruction loss {ins_loss}) | {t_adapter} |
 | 6 evaluation | held-out images, with and without visual gates | {t_eval} |
+
+Why stages 3 and 4 are shaped so: the visual tokens can only steer circuits the frozen language model
+already has, and only pass on what CLIP already encodes. A language model trained without the
+`Caption: ...` samples could not answer from a caption even when it was written in its prompt, and with
+it the adapter stalled whatever visual tokens it was given; contrastive training alone left CLIP's
+embedding reading colour but position and count near chance. Both are measured in the docstrings of
+`multimodal/train/demo.py` and `multimodal/train/clip.py`.
 
 Stage 5 is the paper's recipe: the caption loss trains only the visual group (resampler and the gates
 of the visual layers), the instruction loss (questions about images, multi-turn chats, text-only
@@ -125,7 +132,7 @@ def write_readme(out: Path, summary: dict[str, Any]) -> Path:
         seed=summary["seed"], total_time=_t(times["total"]), machine=f"{platform.machine()}, {os.cpu_count()} CPU cores",
         torch=torch.__version__, threads=plan["threads"], images=plan["images"], size=DEMO_CLIP.image_size,
         instructions=plan["instructions"], t_world=_t(times["world"]), t_tokenizer=_t(times["tokenizer"]),
-        lm_steps=plan["lm_steps"], lm_loss=fmt(losses["language model"]), t_lm=_t(times["language model"]),
+        lm_steps=plan["lm_steps"], context_repeats=plan["context_repeats"], lm_loss=fmt(losses["language model"]), t_lm=_t(times["language model"]),
         clip_steps=plan["clip_steps"], clip_loss=fmt(losses["clip"]), t_clip=_t(times["clip"]),
         adapter_steps=a["steps"], batch=a["batch_size"], cap_loss=fmt(losses["adapter caption"]),
         ins_loss=fmt(losses["adapter instruction"]), t_adapter=_t(times["adapter"]), t_eval=_t(times["evaluation"]),
