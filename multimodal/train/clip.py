@@ -35,6 +35,7 @@ from tqdm import tqdm
 from ..config import ClipVisionConfig
 from ..tokenizer import Tokenizer
 from ..visual import clip_tokens
+from .data import IGNORE
 
 
 def build_clip(cfg: ClipVisionConfig, vocab_size: int, eos_id: int, context_length: int = 24,
@@ -67,10 +68,10 @@ def train_clip(model: open_clip.model.CLIP, pixels: torch.Tensor, texts: torch.T
                steps: int, batch_size: int = 128, lr: float = 2e-3, warmup: int = 20, seed: int = 0,
                attributes: dict[str, torch.Tensor] | None = None, progress: bool = True) -> ClipLosses:
     """pixels [N, 3, H, W] (preprocessed), texts [N, L] token ids, caption_ids [N] (equal for identical
-    captions), attributes: optional name -> [N] class indices (-100 where it does not apply). Returns the
+    captions), attributes: optional name -> [N] class indices (``IGNORE`` where it does not apply). Returns the
     losses per step; the model is left frozen in eval mode."""
     g = torch.Generator().manual_seed(seed)
-    attributes = {k: v for k, v in (attributes or {}).items() if (v != -100).any()}
+    attributes = {k: v for k, v in (attributes or {}).items() if (v != IGNORE).any()}
     embed_dim = model.text_projection.shape[1]
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(embed_dim, int(v.max()) + 1) for k, v in attributes.items()})
     opt = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=lr, betas=(0.9, 0.98), weight_decay=0.05)
@@ -91,8 +92,8 @@ def train_clip(model: open_clip.model.CLIP, pixels: torch.Tensor, texts: torch.T
         target = same / same.sum(1, keepdim=True)
         loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
         views = (features, tokens.mean(1))  # [B, E] each: the CLS token, and the mean of all tokens
-        supervised = sum((F.cross_entropy(heads[k](view), v[idx], ignore_index=-100) for k, v in attributes.items()
-                          if (v[idx] != -100).any() for view in views), torch.zeros(()))
+        supervised = sum((F.cross_entropy(heads[k](view), v[idx], ignore_index=IGNORE) for k, v in attributes.items()
+                          if (v[idx] != IGNORE).any() for view in views), torch.zeros(()))
         opt.zero_grad(set_to_none=True)
         (loss + supervised).backward()
         opt.step()
