@@ -186,8 +186,8 @@ def instructions(rng: random.Random, n: int) -> list[dict[str, str]]:
              "tell you their colour, shape, count and position, or read a short word.")
     fixed = [("Who are you?", "", about), ("What can you do?", "", about),
              ("Hello!", "", "Hello! Show me a picture of shapes and ask me about it."),
-             ("What is the opposite of left?", "", "right"), ("What is the opposite of right?", "", "left"),
-             ("What is the opposite of top?", "", "bottom"), ("What is the opposite of bottom?", "", "top"),
+             # no "opposite of left/top" pairs: they teach the language model to answer a position word with
+             # another one, and it then answers position questions with the opposite (docs/training.md)
              ("What is the opposite of big?", "", "small"), ("What is the opposite of small?", "", "big"),
              ("How many sides does a triangle have?", "", "three"), ("How many sides does a square have?", "", "four"),
              ("How many corners does a circle have?", "", "none"), ("Name the colours you know.", "", ", ".join(COLOURS)),
