@@ -37,8 +37,9 @@ Total: {total}.
   plus the tiny text tower it was trained against (the loader reads only `visual.*`).
 - `adapter.pth`: the V2 adapter in the official format (`{{"model": ..., "config": ...}}`, official key
   names, only trainable parameters): resampler ({rdim}-wide, {rdepth} blocks, {queries} visual queries),
-  visual tokens in layers {visual}, adaption prompts in layers {adapter}, gates, RMSNorm weights, biases
-  and scales. Preset `demo` in `multimodal/config.py`.
+  visual tokens in layers {visual}, adaption prompts in layers {adapter}, gates, RMSNorm weights, biases,
+  scales and rank-{lora} LoRA on every linear of the language model. Preset `demo` in
+  `multimodal/config.py`; the loader reads the LoRA rank from the file.
 
 ## How it was produced
 
@@ -56,7 +57,7 @@ It ran in **{total_time}** on this machine ({machine}, torch {torch}, {threads} 
 | 2 tokenizer | SentencePiece BPE, {vocab} pieces, on the world's formatted text | {t_tokenizer} |
 | 3 language model | plain next-token training of the whole LLaMA on the same text, plus every question and the caption instruction with the image's caption as `Caption: ...` context (repeated {context_repeats}x), so that it learns to answer from its context ({lm_steps} steps, loss {lm_loss}); then frozen | {t_lm} |
 | 4 CLIP | contrastive image-caption training of the whole CLIP, identical captions as shared positives, plus a cross-entropy per labelled attribute from linear heads on the CLS embedding and on the mean of all output tokens (what the resampler's queries see before they learn where to look), heads thrown away afterwards ({clip_steps} steps, contrastive loss {clip_loss}); then frozen | {t_clip} |
-| 5 adapter | joint V2 training, base frozen ({adapter_steps} steps; each step one caption batch and one instruction batch of {batch}; caption loss {cap_loss}, instruction loss {ins_loss}) | {t_adapter} |
+| 5 adapter | joint V2 training, base frozen, LoRA rank {lora} in the instruction group ({adapter_steps} steps; each step one caption batch and one instruction batch of {batch}; caption loss {cap_loss}, instruction loss {ins_loss}) | {t_adapter} |
 | 6 evaluation | held-out images, with and without visual gates | {t_eval} |
 
 Why stages 3 and 4 are shaped so: the visual tokens can only steer circuits the frozen language model
@@ -64,12 +65,17 @@ already has, and only pass on what CLIP already encodes. A language model traine
 `Caption: ...` samples could not answer from a caption even when it was written in its prompt, and with
 it the adapter stalled whatever visual tokens it was given; contrastive training alone left CLIP's
 embedding reading colour but position and count near chance. Both are measured in the docstrings of
-`multimodal/train/demo.py` and `multimodal/train/clip.py`.
+`multimodal/train/demo.py` and `multimodal/train/clip.py`. The language model's step count matters as
+much: after 1000 steps it copied colour and size from a caption in its prompt but not a single shape's
+name or its position (it had learned to copy the caption's last word instead), and the adapter then
+never learned those two from the image; by 1600 steps it copies every attribute (docs/training.md).
 
 Stage 5 is the paper's recipe: the caption loss trains only the visual group (resampler and the gates
 of the visual layers), the instruction loss (questions about images, multi-turn chats, text-only
 instructions) trains only the instruction group (adaption prompts, gates of the adapter layers, norms,
-biases, scales). See `docs/training.md`.
+biases, scales, LoRA). Without LoRA the captions came out right but the answers to questions did not
+(77% overall): that group alone could not turn visual tokens tuned on captions into answers. See
+`docs/training.md`.
 
 Prompts are exactly the app's: `format_prompt(...)` for single questions and captions
 (`"Generate caption of this image"`), `format_chat(question, history)` for later turns.
@@ -94,7 +100,7 @@ zero (the image cannot reach the language model then, so the gap is what came fr
 
 It was also trained, but not measured here, on "Is the shape big or small?", reading eight words (cat,
 dog, sun, car, tree, fish, book, moon), captions and descriptions ("A big red circle on the left."),
-follow-up turns, and a few text instructions ("What can you do?", "What is the opposite of left?").
+follow-up turns, and a few text instructions ("What can you do?", "What is the opposite of big?").
 `training.json` holds every measured number of the run.
 
 ## What it cannot do
@@ -134,7 +140,7 @@ def write_readme(out: Path, summary: dict[str, Any]) -> Path:
         instructions=plan["instructions"], t_world=_t(times["world"]), t_tokenizer=_t(times["tokenizer"]),
         lm_steps=plan["lm_steps"], context_repeats=plan["context_repeats"], lm_loss=fmt(losses["language model"]), t_lm=_t(times["language model"]),
         clip_steps=plan["clip_steps"], clip_loss=fmt(losses["clip"]), t_clip=_t(times["clip"]),
-        adapter_steps=a["steps"], batch=a["batch_size"], cap_loss=fmt(losses["adapter caption"]),
+        adapter_steps=a["steps"], lora=plan.get("lora_rank", 0), batch=a["batch_size"], cap_loss=fmt(losses["adapter caption"]),
         ins_loss=fmt(losses["adapter instruction"]), t_adapter=_t(times["adapter"]), t_eval=_t(times["evaluation"]),
         eval_n=plan["eval_n"], eval_seed=plan["eval_seed"], report=summary["evaluation_report"])
     e = summary["evaluation"]
