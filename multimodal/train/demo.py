@@ -58,8 +58,8 @@ class DemoPlan:
     clip_batch: int = 128
     clip_lr: float = 1e-3
     adapter: TrainConfig = field(default_factory=lambda: replace(DEMO_ADAPTER))
-    # LoRA on every linear of the language model, in the instruction group: the bias/norm/prompt group alone
-    # could not turn visual tokens tuned on captions into answers to questions (docs/training.md)
+    # LoRA rank (0: none) on every linear of the language model, in the instruction group: the bias/norm/prompt
+    # group alone could not turn visual tokens tuned on captions into answers to questions (docs/training.md)
     lora_rank: int = 8
     eval_n: int = 200
     eval_seed: int = 1234
@@ -150,7 +150,7 @@ def build_demo(out: str | Path, seed: int = 0, plan: DemoPlan = DemoPlan(), work
 
         t = time.perf_counter()
         loaded = load_for_training(out, out / "tokenizer.model", out / "clip.pt", preset="demo", device="cpu",
-                                   dtype="float32", bgr=False, lora_rank=plan.lora_rank or None)
+                                   dtype="float32", bgr=False, lora_rank=plan.lora_rank)
         cfg = replace(plan.adapter, seed=seed, progress=progress)
         result = train_adapter(loaded, captions, instructions, cfg, work / "adapter", meta={"seed": seed})
         shutil.copyfile(work / "adapter" / "adapter.pth", out / "adapter.pth")

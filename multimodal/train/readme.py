@@ -140,7 +140,7 @@ def write_readme(out: Path, summary: dict[str, Any]) -> Path:
         instructions=plan["instructions"], t_world=_t(times["world"]), t_tokenizer=_t(times["tokenizer"]),
         lm_steps=plan["lm_steps"], context_repeats=plan["context_repeats"], lm_loss=fmt(losses["language model"]), t_lm=_t(times["language model"]),
         clip_steps=plan["clip_steps"], clip_loss=fmt(losses["clip"]), t_clip=_t(times["clip"]),
-        adapter_steps=a["steps"], lora=plan.get("lora_rank", 0), batch=a["batch_size"], cap_loss=fmt(losses["adapter caption"]),
+        adapter_steps=a["steps"], lora=plan["lora_rank"], batch=a["batch_size"], cap_loss=fmt(losses["adapter caption"]),
         ins_loss=fmt(losses["adapter instruction"]), t_adapter=_t(times["adapter"]), t_eval=_t(times["evaluation"]),
         eval_n=plan["eval_n"], eval_seed=plan["eval_seed"], report=summary["evaluation_report"])
     e = summary["evaluation"]
