@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .packing import linear
+
 
 class AdaptedLinear(nn.Linear):
     """A frozen ``nn.Linear`` weight plus what V2 tunes on it.
@@ -45,7 +47,7 @@ class AdaptedLinear(nn.Linear):
                 self.lora_b.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)
+        y = linear(x, self.weight, self.bias)  # the frozen weight may be packed (packing.py)
         if self.lora_a is not None:
             y = y + F.linear(F.linear(x, self.lora_a), self.lora_b)
         if self.scale is not None:

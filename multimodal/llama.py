@@ -12,6 +12,7 @@ from torch import nn
 
 from .adapter import AdaptedLinear, PromptGate, PromptKV
 from .config import AdapterConfig, LlamaConfig
+from .packing import linear
 
 
 class RMSNorm(nn.Module):
@@ -97,8 +98,8 @@ class Attention(nn.Module):
         """Keys/values of a raw prompt ([B, P, dim]) through this layer's frozen wk/wv: no norm, no
         RoPE (prompts hold no position), no LoRA."""
         b, p, _ = prompt.shape
-        k = F.linear(prompt, self.wk.weight).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = F.linear(prompt, self.wv.weight).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = linear(prompt, self.wk.weight).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = linear(prompt, self.wv.weight).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return PromptKV(k, v, self.prompt_gate().to(prompt.dtype))
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int, prompt: PromptKV | None) -> torch.Tensor:
@@ -155,7 +156,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(TransformerBlock(cfg, acfg, i in prompted) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.output = AdaptedLinear(cfg.dim, cfg.vocab_size)  # frozen; AdaptedLinear so it can be packed
         self.register_buffer("rope", torch.empty(0), persistent=False)
         self.reset_rope()
 

@@ -19,6 +19,7 @@ from .checkpoint import (AdapterCheckpoint, CheckpointError, StateDict, preview_
 from .config import LlamaConfig, ModelConfig, build_preset
 from .image import ImagePreprocessor
 from .model import MultimodalLlama
+from .packing import pack_language_model, packing_pays
 from .tokenizer import Tokenizer
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -136,14 +137,16 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
                adapter_path: str | os.PathLike | None = None, preset: str = "official-7b",
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                max_seq_len: int | None = None, bgr: bool | None = None, quantize: str | None = None,
-               lora_rank: int | None = None) -> LoadedModel:
+               lora_rank: int | None = None, pack: bool | None = None) -> LoadedModel:
     """Meta LLaMA directory + tokenizer + OpenAI CLIP file (+ adapter checkpoint) -> a ready model.
 
     ``bgr`` overrides the preset's channel order (the official preset feeds BGR, as the released
     checkpoints were trained). ``quantize="int8"`` loads on the CPU, then moves the LLaMA to the
     device layer by layer with int8 weights (see quantize.py). ``lora_rank`` gives the model LoRA of
     that rank (zero-initialised where the adapter file has none, e.g. to train it); by default the
-    model has the LoRA the adapter file has."""
+    model has the LoRA the adapter file has. ``pack`` prepacks the language model's frozen weights
+    for oneDNN (see packing.py); by default it does where that is faster: bfloat16 on a CPU with
+    oneDNN bf16, not quantised. Packed models are for inference only."""
     target = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype, target)
     if quantize not in (None, "int8"):
@@ -174,6 +177,12 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
         from .quantize import quantize_int8
 
         quantize_int8(model, target)
+    if pack is None:
+        pack = quantize is None and packing_pays(target, dtype)
+    if pack:
+        if quantize is not None:
+            raise ValueError("pack and quantize exclude each other: int8 weights have their own kernels")
+        pack_language_model(model.llama)
     use_bgr = cfg.bgr if bgr is None else bgr
     return LoadedModel(model, tokenizer, ImagePreprocessor(cfg.clip, bgr=use_bgr))
 

@@ -98,7 +98,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--clip", default=env("MM_CLIP"), help="OpenAI CLIP file (ViT-L-14.pt)")
     g.add_argument("--device", default=env("MM_DEVICE"), choices=["cpu", "cuda", "mps"], help="default: cuda, mps, else cpu")
     g.add_argument("--dtype", default=env("MM_DTYPE"), choices=["float32", "bfloat16", "float16"],
-                   help="default: float32 on cpu, bfloat16 (or float16) on gpu")
+                   help="default: float32 on cpu, bfloat16 (or float16) on gpu. On a CPU with avx512_bf16 or AMX, "
+                        "bfloat16 halves the memory and decodes faster (weights prepacked for oneDNN) (env MM_DTYPE)")
     g.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer tokens (default 512)")
     g.add_argument("--quantize", default=env("MM_QUANTIZE"), choices=["int8"],
                    help="weight-only int8 language model (torchao): LLaMA-7B in about 7 GB (env MM_QUANTIZE)")

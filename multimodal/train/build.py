@@ -19,7 +19,7 @@ def load_for_training(llama_dir: str | os.PathLike, tokenizer_path: str | os.Pat
     """Base weights + optional starting adapter (e.g. the ``pretrain`` phase's output for ``finetune``).
     ``lora_rank`` adds zero-initialised LoRA (and the ``new_gate`` the LORA-BIAS files carry)."""
     loaded = load_model(llama_dir, tokenizer_path, clip_path, init_adapter, preset=preset, device=device, dtype=dtype,
-                        max_seq_len=max_seq_len, bgr=bgr, lora_rank=lora_rank)
+                        max_seq_len=max_seq_len, bgr=bgr, lora_rank=lora_rank, pack=False)  # packed weights: inference only
     with torch.no_grad():
         for name, p in loaded.model.named_parameters():
             if is_trainable(name):
