@@ -27,7 +27,7 @@ import torch
 from bench.machine import Plan, check_fits, decode_bound, machine_info, memory_bandwidth_gbs
 from bench.report import report
 from bench.shapes import DTYPES, SHAPES, count_params, model_config
-from bench.workers import HfWorker, OursWorker, Remote, serve
+from bench.workers import CHECK_TOKENS, HfWorker, OursWorker, Remote, serve
 
 
 def compare(ours: dict[str, Any], hf: dict[str, Any], tmp: Path, dtype: torch.dtype) -> dict[str, Any]:
@@ -61,6 +61,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="run 7b on CPU anyway")
     p.add_argument("--sequential", action="store_true",
                    help="one implementation after the other even when both fit (default: interleave the repeats)")
+    p.add_argument("--pack", choices=("auto", "on", "off"), default="auto",
+                   help="prepack our LM's weights for oneDNN: auto does what load_model does (bf16 on a CPU with "
+                        "native oneDNN bf16); off to measure without")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="our LM in weight-only int8 (torchao), as --quantize in the app; transformers stays in --dtype")
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--markdown", type=Path, help="write the printed report here")
     p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
@@ -76,7 +81,8 @@ def make_plan(a: argparse.Namespace) -> Plan:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda but torch sees no GPU")
     a.dtype = a.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    cfg = model_config(a.shape, max_seq_len=a.prompt_tokens + a.new_tokens)
+    # room for the timed tokens and for the correctness check's greedy tokens, whichever is more
+    cfg = model_config(a.shape, max_seq_len=a.prompt_tokens + max(a.new_tokens, CHECK_TOKENS))
     return Plan(a.shape, device, DTYPES[a.dtype], cfg)
 
 
@@ -84,8 +90,8 @@ def forwarded_args(a: argparse.Namespace) -> list[str]:
     """The options a worker needs to rebuild the same plan."""
     args = ["--shape", a.shape, "--device", a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             "--dtype", a.dtype, "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
-            "--repeats", str(a.repeats), "--seed", str(a.seed)]
-    return args + (["--hf-generate"] if a.hf_generate else [])
+            "--repeats", str(a.repeats), "--seed", str(a.seed), "--pack", a.pack]
+    return args + (["--hf-generate"] if a.hf_generate else []) + (["--quantize", a.quantize] if a.quantize else [])
 
 
 def measure(plan: Plan, a: argparse.Namespace, tmp: Path, together: bool) -> tuple[dict[str, Any], dict[str, Any]]:

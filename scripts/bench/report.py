@@ -100,5 +100,24 @@ def report(plan: Plan, a: argparse.Namespace, info: dict[str, Any], bw: dict[str
         f"step {check['max_abs_logit_diff']:.3g} (logits up to {check['logit_scale']:.3g}). "
         f"Opening the gates moves those logits by up to {ours['gate_effect_max_abs']:.3g}.",
         f"Build (random fill) time: ours {ours['build_s']:.1f} s, transformers {hf['build_s']:.1f} s.",
+        weights_line(ours, a),
     ]
     return "\n".join(lines)
+
+
+def weights_line(ours: dict[str, Any], a: argparse.Namespace) -> str:
+    """How our LM's weights were held: packed for oneDNN, int8, or as built (transformers: as built)."""
+    if "int8" in ours:
+        q = ours["int8"]
+        return (f"Our LM weights: **int8 weight-only** (torchao), transformers' in {a.dtype}; the bound above is "
+                f"for {a.dtype} weights. Against the same model unquantised (gates open, first step): max |logit "
+                f"diff| {q['max_abs_logit_diff']:.3g} (logits up to {q['logit_scale']:.3g}), relative L2 "
+                f"{q['rel_l2']:.3g}, greedy tokens the same at {q['greedy_same']} of {CHECK_TOKENS}; RSS after "
+                f"quantising {mib(q['rss_quantized_mib'])} MiB" +
+                (f", CUDA weights {mib(q['cuda_weights_mib'])} MiB." if q["cuda_weights_mib"] is not None else "."))
+    n = ours["packed_linears"]
+    if n:
+        return (f"Our LM weights: {a.dtype}, **prepacked for oneDNN** ({n} linear layers, multimodal/packing.py, "
+                f"as load_model does here); transformers' as built (`--pack off` to compare without).")
+    why = "`--pack off`" if a.pack == "off" else "packing pays only for bfloat16 on a CPU with native oneDNN bf16"
+    return f"Our LM weights: {a.dtype}, as built (not packed: {why}); transformers' the same."

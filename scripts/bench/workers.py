@@ -32,6 +32,7 @@ class OursWorker:
 
     def __init__(self, a: argparse.Namespace, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         from multimodal.loading import build_empty
+        from multimodal.packing import pack_language_model, packing_pays
 
         self.device, self.new_tokens = device, a.new_tokens
         self.info: dict[str, Any] = {"rss_start_mib": rss_mib()}
@@ -40,13 +41,36 @@ class OursWorker:
         model = build_empty(cfg, device, dtype)
         fill_base_weights(model, a.seed)
         self.model = model.eval().requires_grad_(False)
+        # what load_model does after loading: pack the LM for oneDNN where that pays (see packing.py)
+        pack = {"auto": packing_pays(device, dtype), "on": True, "off": False}[a.pack] and not a.quantize
+        self.info["packed_linears"] = pack_language_model(model.llama) if pack else 0
         model.llama.setup_cache(batch=1)
         clock.mark("build")
         self.info |= {"build_s": clock.marks["build"], "rss_built_mib": rss_mib(), "cuda_weights_mib": cuda_now_mib(device)}
         self.ids = torch.tensor([prompt_ids(a.prompt_tokens, cfg.llama.vocab_size, a.seed)], device=device)
         self.pixels = random_pixels(cfg, device, dtype, a.seed)
         self._check(a.out / "ours.logits.pt")
+        if a.quantize:
+            self._quantize(device)
         self.warm: set[str] = set()
+
+    def _quantize(self, device: torch.device) -> None:
+        """int8 weight-only LM, after the check (which is against transformers in the model dtype):
+        record how far the quantised model's first-step logits and greedy tokens, gates open, move
+        from this same model's unquantised ones."""
+        from multimodal.quantize import quantize_int8
+
+        _, prompts, token, ref = ours_first_token(self.model, self.ids, self.pixels)
+        _, ref_greedy = ours_decode(self.model, token, self.ids.shape[1], CHECK_TOKENS - 1, prompts)
+        quantize_int8(self.model, device)
+        self.model.llama.setup_cache(batch=1)
+        _, prompts, qtoken, out = ours_first_token(self.model, self.ids, self.pixels)
+        _, q_greedy = ours_decode(self.model, qtoken, self.ids.shape[1], CHECK_TOKENS - 1, prompts)
+        ref, out = ref[0].float().cpu(), out[0].float().cpu()
+        same = sum(x == y for x, y in zip([int(token)] + ref_greedy, [int(qtoken)] + q_greedy))
+        self.info["int8"] = {"max_abs_logit_diff": float((out - ref).abs().max()), "logit_scale": float(ref.abs().max()),
+                             "rel_l2": float((out - ref).norm() / ref.norm()), "greedy_same": same,
+                             "rss_quantized_mib": rss_mib(), "cuda_weights_mib": cuda_now_mib(device)}
 
     def _check(self, logits_path: Path) -> None:
         """Gates closed: the image path runs but adds exactly nothing, so this must be the plain LLaMA.
