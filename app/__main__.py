@@ -90,7 +90,7 @@ def load_engine(options: ModelOptions) -> tuple[Engine | None, str | None]:
     import torch
 
     try:
-        return Engine(options.load()), None
+        return options.engine(), None
     except torch.OutOfMemoryError:
         return None, ("Out of memory while loading the model: try --dtype bfloat16 (or float16), or --device cpu.")
     except (FileNotFoundError, ValueError, RuntimeError) as e:

@@ -26,14 +26,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         image = open_image(args.image) if args.image else None
-        loaded = options_from_args(args).load()
+        options = options_from_args(args)
+        loaded = options.load()
     except (ImageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     prompt = args.question if args.raw else format_prompt(args.question, args.context)
     stats = GenerationStats()
     try:
-        for piece in Engine(loaded).stream(prompt, image, params, stats=stats):
+        for piece in Engine(loaded, compile=options.compile).stream(prompt, image, params, stats=stats):
             print(piece, end="", flush=True)
     except PromptTooLongError as e:
         print(f"error: {e}", file=sys.stderr)

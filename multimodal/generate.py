@@ -122,7 +122,10 @@ class TokenReader:
 class Engine:
     """One loaded model serving requests one at a time (a lock guards the shared KV cache)."""
 
-    def __init__(self, loaded: LoadedModel, image_cache_size: int = 8) -> None:
+    def __init__(self, loaded: LoadedModel, image_cache_size: int = 8, compile: bool = False) -> None:
+        """``compile`` runs each decoding step through ``torch.compile`` (fullgraph, fixed shapes:
+        :meth:`Transformer.step`), as CUDA graphs on a GPU ("reduce-overhead"). The first answer pays
+        the compilation (tens of seconds); later steps skip Python and per-kernel launch overhead."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -135,6 +138,13 @@ class Engine:
         self._kv_prompts: list[PromptKV | None] | None = None
         self._kv_adapter: object = None
         self.overlap_decode: bool | None = None  # None: queue the next step before reading an id on CUDA only
+        self._step = None
+        if compile:
+            if any(p.is_mkldnn for p in self.model.llama.parameters()):
+                raise ValueError("compile needs plain weights: load the model with pack=False "
+                                 "(inductor chooses its own CPU kernels)")
+            mode = "reduce-overhead" if self.model.device.type == "cuda" else None
+            self._step = torch.compile(self.model.llama.step, fullgraph=True, dynamic=False, mode=mode)
 
     @property
     def max_seq_len(self) -> int:
@@ -219,6 +229,15 @@ class Engine:
         logits = llama(torch.tensor([ids[reuse:]], device=device), start_pos=reuse, prompts=prompts, last_only=True)
         self._kv_ids = list(ids)
         pos = len(ids)
+        step_pos = torch.tensor([pos], device=device) if self._step is not None else None  # advanced on the device
+
+        def decode(token: torch.Tensor) -> torch.Tensor:  # token [1] -> logits [1, vocab] at position pos
+            if step_pos is None:
+                return llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
+            out = self._step(token.view(1, 1), step_pos, prompts)
+            step_pos.add_(1)
+            return out
+
         reader = TokenReader(device, self.overlap_decode)
         stats.stop_reason = "length"
         for step in range(max_new):
@@ -232,7 +251,7 @@ class Engine:
                 # Queue the next step before reading this token's id, so the device computes while the
                 # host waits for the id. If it turns out to be EOS the extra step is wasted work whose
                 # keys/values lie past what _kv_ids records, so nothing reads them.
-                logits = llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
+                logits = decode(token)
             token_id = reader.read()
             if step == 0:
                 stats.first_token_s = time.perf_counter() - start
@@ -244,7 +263,7 @@ class Engine:
             yield token_id
             if not last:
                 if not reader.overlaps:  # synchronous device: show the token first, then compute
-                    logits = llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
+                    logits = decode(token)
                 self._kv_ids.append(token_id)
                 pos += 1
         stats.total_s = time.perf_counter() - start

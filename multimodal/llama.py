@@ -67,6 +67,13 @@ class KVCache(nn.Module):
         self.v[:batch, :, start_pos:end] = v
         return self.k[:batch, :, :end], self.v[:batch, :, :end]
 
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store one token's k, v ([B, n_kv_heads, 1, head_dim], B the cache's batch) at the device-side
+        position ``pos`` ([1] long); return the whole cache, whose shape never changes."""
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        return self.k, self.v
+
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
     """Attention of S new queries (at start_pos..) over all T keys so far. q: [B, H, S, D]; k, v: [B, Hkv, T, D]."""
@@ -79,6 +86,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_po
     # a chunk after a cached prefix: query i sits at start_pos + i and sees keys 0..start_pos + i
     mask = torch.arange(t, device=q.device)[None, :] <= (start_pos + torch.arange(s, device=q.device))[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """One new query at position ``pos`` ([1] long, on the device) over the whole fixed-length cache,
+    keys after ``pos`` masked out. Shapes do not depend on the position, so one compiled (or CUDA-graph
+    captured) step serves every position. q: [B, H, 1, D]; k, v: [B, Hkv, T, D]."""
+    mask = (torch.arange(k.shape[2], device=q.device) <= pos)[None, :]  # [1, T]: the one query row
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 class Attention(nn.Module):
@@ -102,15 +117,20 @@ class Attention(nn.Module):
         v = linear(prompt, self.wv.weight).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return PromptKV(k, v, self.prompt_gate().to(prompt.dtype))
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int, prompt: PromptKV | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor,
+                prompt: PromptKV | None) -> torch.Tensor:
         b, s, _ = x.shape
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rope)
         k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rope)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
-        if self.kv_cache is not None:
-            k, v = self.kv_cache.update(start_pos, k, v)
-        out = causal_attention(q, k, v, start_pos)  # [B, H, S, D]
+        if isinstance(start_pos, torch.Tensor):  # Transformer.step: one token, fixed shapes
+            k, v = self.kv_cache.write_at(start_pos, k, v)
+            out = step_attention(q, k, v, start_pos)  # [B, H, 1, D]
+        else:
+            if self.kv_cache is not None:
+                k, v = self.kv_cache.update(start_pos, k, v)
+            out = causal_attention(q, k, v, start_pos)  # [B, H, S, D]
         if prompt is not None:
             # the prompt gets its own softmax (no mask: every token sees the whole prompt)
             p_out = F.scaled_dot_product_attention(q, prompt.k, prompt.v, enable_gqa=self.n_heads != self.n_kv_heads)
@@ -139,7 +159,8 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg, acfg)
 
-    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int, prompt: PromptKV | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor,
+                prompt: PromptKV | None) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), rope, start_pos, prompt)
         return h + self.feed_forward(self.ffn_norm(h))
 
@@ -200,3 +221,15 @@ class Transformer(nn.Module):
         if last_only:
             h = h[:, -1]
         return self.output(self.norm(h)).float()
+
+    def step(self, token: torch.Tensor, pos: torch.Tensor, prompts: list[PromptKV | None] | None = None) -> torch.Tensor:
+        """One decoding step with fixed shapes: token [B, 1] at device-side position ``pos`` ([1] long)
+        -> float logits [B, vocab]. Same result as ``forward(token, int(pos), prompts, last_only=True)``,
+        but nothing depends on the position's value on the host: no slicing by it, no host check (the
+        caller keeps pos < max_seq_len), attention over the whole cache with later keys masked. That is
+        what lets ``torch.compile`` / CUDA graphs reuse one step for the whole answer."""
+        rope = self.rope.index_select(0, pos)  # [1, D/2, 2]
+        h = self.tok_embeddings(token)  # [B, 1, dim]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, rope, pos, prompts[i] if prompts is not None else None)
+        return self.output(self.norm(h[:, -1])).float()

@@ -5,9 +5,13 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .config import PRESETS
 from .loading import LoadedModel, load_model
+
+if TYPE_CHECKING:
+    from .generate import Engine
 
 
 DEMO_FILES = ("params.json", "consolidated.00.pth", "tokenizer.model", "clip.pt", "adapter.pth")
@@ -38,6 +42,13 @@ class ModelOptions:
     max_seq_len: int | None = None
     bgr: bool | None = None  # None: the preset's channel order
     quantize: str | None = None  # "int8": weight-only int8 language model (torchao)
+    compile: bool = False  # torch.compile the decoding step (CUDA graphs on a GPU); see Engine
+
+    def engine(self) -> Engine:
+        """Load the model and wrap it in an Engine with these options."""
+        from .generate import Engine
+
+        return Engine(self.load(), compile=self.compile)
 
     def load(self) -> LoadedModel:
         """Resolve every path (through the weights manifest unless given) and load the model.
@@ -63,7 +74,13 @@ class ModelOptions:
         else:
             adapter = require(self.adapter, self.weights_dir)
         return load_model(llama_dir, tokenizer, clip, adapter, preset=self.preset, device=self.device,
-                          dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=self.bgr, quantize=self.quantize)
+                          dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=self.bgr, quantize=self.quantize,
+                          pack=self._pack)
+
+    @property
+    def _pack(self) -> bool | None:
+        """Compiled steps and oneDNN-packed weights exclude each other (inductor needs plain weights)."""
+        return False if self.compile else None
 
 
     def load_demo(self) -> LoadedModel:
@@ -74,7 +91,7 @@ class ModelOptions:
                                     "(see weights/demo/README.md for the command that trains it)")
         return load_model(d, d / "tokenizer.model", d / "clip.pt", d / "adapter.pth", preset="demo",
                           device=self.device, dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=False,
-                          quantize=self.quantize)
+                          quantize=self.quantize, pack=self._pack)
 
 
 def _beside(llama_dir: Path, name: str) -> Path:
@@ -103,6 +120,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer tokens (default 512)")
     g.add_argument("--quantize", default=env("MM_QUANTIZE"), choices=["int8"],
                    help="weight-only int8 language model (torchao): LLaMA-7B in about 7 GB (env MM_QUANTIZE)")
+    g.add_argument("--compile", action="store_true", default=env("MM_COMPILE") == "1",
+                   help="torch.compile each decoding step (CUDA graphs on a GPU): faster tokens after a first "
+                        "answer that waits for the compilation (env MM_COMPILE=1)")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--bgr", dest="bgr", action="store_true", default=None,
                        help="feed BGR pixels (what the released checkpoints were trained on; the official preset's default)")
@@ -112,4 +132,5 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> ModelOptions:
     return ModelOptions(weights_dir=args.weights_dir, model=args.model, adapter=args.adapter, preset=args.preset, llama_dir=args.llama_dir,
                         tokenizer=args.tokenizer, clip=args.clip, device=args.device, dtype=args.dtype,
-                        max_seq_len=args.max_seq_len, bgr=args.bgr, quantize=args.quantize)
+                        max_seq_len=args.max_seq_len, bgr=args.bgr, quantize=args.quantize,
+                        compile=args.compile)
