@@ -66,6 +66,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "native oneDNN bf16); off to measure without")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="our LM in weight-only int8 (torchao), as --quantize in the app; transformers stays in --dtype")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile'd fixed-shape steps (CUDA graphs on a GPU), as the app's --compile")
     p.add_argument("--json", type=Path, help="write every figure here")
     p.add_argument("--markdown", type=Path, help="write the printed report here")
     p.add_argument("--worker", choices=("ours", "hf"), help=argparse.SUPPRESS)
@@ -91,7 +93,8 @@ def forwarded_args(a: argparse.Namespace) -> list[str]:
     args = ["--shape", a.shape, "--device", a.device or ("cuda" if torch.cuda.is_available() else "cpu"),
             "--dtype", a.dtype, "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
             "--repeats", str(a.repeats), "--seed", str(a.seed), "--pack", a.pack]
-    return args + (["--hf-generate"] if a.hf_generate else []) + (["--quantize", a.quantize] if a.quantize else [])
+    return args + (["--hf-generate"] if a.hf_generate else []) + (["--quantize", a.quantize] if a.quantize else []) + \
+        (["--compile"] if a.compile else [])
 
 
 def measure(plan: Plan, a: argparse.Namespace, tmp: Path, together: bool) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -142,6 +145,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp = Path(tmp_name)
         ours, hf = measure(plan, a, tmp, together)
         check = compare(ours, hf, tmp, plan.dtype)
+        if ours.get("compiled_tokens_match") is False:
+            raise SystemExit("correctness check failed: the compiled decode step's greedy tokens differ from the eager ones")
     # measured on both sides of the run: on a shared VM the figure moves; the best is the sustained one
     bw_after = memory_bandwidth_gbs(plan.device)
     info["load_avg_end"] = os.getloadavg()[0]

@@ -42,3 +42,12 @@ def test_int8_run_reports_the_logit_change_against_unquantised(tmp_path: Path) -
     assert q["greedy_same"] >= 6
     assert result["ours"]["packed_linears"] == 0  # int8 is never packed
     assert "**int8 weight-only**" in text
+
+
+def test_compiled_run_checks_its_tokens_against_the_eager_path(tmp_path: Path) -> None:
+    result, text = run_benchmark(tmp_path, "--dtype", "float32", "--compile")
+    ours = result["ours"]
+    assert ours["compiled"] and ours["compiled_tokens_match"] and result["check"]["tokens_match"]
+    assert ours["compile_s"] > 0 and set(ours["warmup_s"]) == {"adapter", "plain"}
+    assert ours["packed_linears"] == 0  # compiled steps take plain weights
+    assert "**torch.compile**d" in text

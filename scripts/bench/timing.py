@@ -116,16 +116,23 @@ def ours_first_token(model: Any, ids: torch.Tensor, pixels: torch.Tensor | None)
 
 
 @torch.inference_mode()
-def ours_decode(model: Any, token: torch.Tensor, start: int, steps: int, prompts: Any) -> tuple[float, list[int]]:
-    """``steps`` greedy decode steps through the KV cache, reading each id on the host as Engine does."""
+def ours_decode(model: Any, token: torch.Tensor, start: int, steps: int, prompts: Any,
+                step: Any = None) -> tuple[float, list[int]]:
+    """``steps`` greedy decode steps through the KV cache, reading each id on the host. ``step``: the
+    compiled ``llama.step`` (fixed shapes, position kept on the device), as Engine(compile=True) runs."""
     from multimodal.generate import sample
 
     device = token.device
     out, pos = [], start
+    step_pos = torch.tensor([start], device=device)
     sync(device)
     t0 = time.perf_counter()
     for _ in range(steps):
-        logits = model.llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
+        if step is not None:
+            logits = step(token.view(1, 1), step_pos, prompts)
+            step_pos.add_(1)
+        else:
+            logits = model.llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
         token = sample(logits, 0.0, 1.0, None)
         out.append(int(token.item()))
         pos += 1
@@ -133,10 +140,11 @@ def ours_decode(model: Any, token: torch.Tensor, start: int, steps: int, prompts
     return time.perf_counter() - t0, out
 
 
-def ours_run(model: Any, ids: torch.Tensor, pixels: torch.Tensor | None, new_tokens: int) -> dict[str, float]:
+def ours_run(model: Any, ids: torch.Tensor, pixels: torch.Tensor | None, new_tokens: int,
+             step: Any = None) -> dict[str, float]:
     """One request: phases to the first token, then new_tokens - 1 decode steps."""
     phases, prompts, token, _ = ours_first_token(model, ids, pixels)
-    decode_s, _ = ours_decode(model, token, ids.shape[1], new_tokens - 1, prompts)
+    decode_s, _ = ours_decode(model, token, ids.shape[1], new_tokens - 1, prompts, step)
     phases["ttft"] = sum(phases.values())
     phases["decode"] = decode_s
     return phases

@@ -5,6 +5,7 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,17 +43,22 @@ class OursWorker:
         fill_base_weights(model, a.seed)
         self.model = model.eval().requires_grad_(False)
         # what load_model does after loading: pack the LM for oneDNN where that pays (see packing.py)
-        pack = {"auto": packing_pays(device, dtype), "on": True, "off": False}[a.pack] and not a.quantize
+        pack = {"auto": packing_pays(device, dtype), "on": True, "off": False}[a.pack] and not (a.quantize or a.compile)
         self.info["packed_linears"] = pack_language_model(model.llama) if pack else 0
         model.llama.setup_cache(batch=1)
         clock.mark("build")
         self.info |= {"build_s": clock.marks["build"], "rss_built_mib": rss_mib(), "cuda_weights_mib": cuda_now_mib(device)}
         self.ids = torch.tensor([prompt_ids(a.prompt_tokens, cfg.llama.vocab_size, a.seed)], device=device)
         self.pixels = random_pixels(cfg, device, dtype, a.seed)
+        self.step = None
+        if a.compile:  # as Engine(compile=True); the check's decode and each variant's warm-up compile
+            mode = "reduce-overhead" if device.type == "cuda" else None
+            self.step = torch.compile(model.llama.step, fullgraph=True, dynamic=False, mode=mode)
         self._check(a.out / "ours.logits.pt")
         if a.quantize:
             self._quantize(device)
         self.warm: set[str] = set()
+        self.warmup_s: dict[str, float] = {}
 
     def _quantize(self, device: torch.device) -> None:
         """int8 weight-only LM, after the check (which is against transformers in the model dtype):
@@ -77,6 +83,9 @@ class OursWorker:
         Then the gates are opened and their effect on the same logits recorded."""
         _, prompts, token, logits = ours_first_token(self.model, self.ids, self.pixels)
         _, greedy = ours_decode(self.model, token, self.ids.shape[1], CHECK_TOKENS - 1, prompts)
+        if self.step is not None:  # the compiled step must decode the same tokens as the eager forward
+            compile_s, compiled = ours_decode(self.model, token, self.ids.shape[1], CHECK_TOKENS - 1, prompts, self.step)
+            self.info |= {"compiled_tokens_match": compiled == greedy, "compile_s": compile_s}
         closed = logits[0].float().cpu()
         torch.save(closed, logits_path)
         self.info["check_tokens"] = [int(token)] + greedy
@@ -86,14 +95,16 @@ class OursWorker:
 
     def run(self, variant: str) -> dict[str, float]:
         pixels = self.pixels if variant == "adapter" else None
-        if variant not in self.warm:  # allocator, oneDNN / cuBLAS plans
-            ours_run(self.model, self.ids, pixels, min(self.new_tokens, 8))
+        if variant not in self.warm:  # allocator, oneDNN / cuBLAS plans, compilation
+            t0 = time.perf_counter()
+            ours_run(self.model, self.ids, pixels, min(self.new_tokens, 8), self.step)
+            self.warmup_s[variant] = time.perf_counter() - t0
             self.warm.add(variant)
         reset_cuda_peak(self.device)
-        return ours_run(self.model, self.ids, pixels, self.new_tokens) | {"cuda_peak_mib": cuda_peak_mib(self.device)}
+        return ours_run(self.model, self.ids, pixels, self.new_tokens, self.step) | {"cuda_peak_mib": cuda_peak_mib(self.device)}
 
     def finish(self) -> dict[str, Any]:
-        return {"peak_rss_mib": peak_rss_mib()}
+        return {"peak_rss_mib": peak_rss_mib(), "warmup_s": self.warmup_s, "compiled": self.step is not None}
 
 
 # --- transformers ---------------------------------------------------------------------------------------
