@@ -31,6 +31,7 @@ def report(plan: Plan, a: argparse.Namespace, info: dict[str, Any], bw: dict[str
     hf_ttft = image_s + lm["prefill"] + lm["sample"]
     tps = {k: steps / v["decode"] for k, v in (("ad", ad), ("pl", pl), ("hf", lm))}
     gpu = f", {info['gpu']} ({info['gpu_mem_gib']} GiB)" if "gpu" in info else ""
+    busy = info["load_avg_start"] > info["cores"]  # at the start nothing of the run is counted yet
     lines = [
         f"### {plan.shape} · {plan.device.type} · {a.dtype} · {a.prompt_tokens} prompt tokens · "
         f"{a.new_tokens} new tokens · median of {a.repeats}",
@@ -39,7 +40,8 @@ def report(plan: Plan, a: argparse.Namespace, info: dict[str, Any], bw: dict[str
         f"{info['ram_gib']} GiB RAM{gpu}; Python {info['python']}, torch {info['torch']}, "
         f"transformers {info['transformers']} (attention: {hf['attn_implementation']}); "
         f"the two implementations ran {info['schedule']}. 1-minute load average at start / end: "
-        f"{info['load_avg_start']:.2f} / {info['load_avg_end']:.2f} (above the core count: other jobs shared the CPU).",
+        f"{info['load_avg_start']:.2f} / {info['load_avg_end']:.2f}"
+        f"{' (above the core count: other jobs shared the CPU)' if busy else ' (the run itself uses the cores)'}.",
         f"Memory bandwidth ({plan.device.type}, 1 GiB fp32, best of 10, measured before / after the run): "
         f"read {bw['read_gbs_before']:.1f} / {bw['read_gbs_after']:.1f} GB/s, copy (read+write) "
         f"{bw['copy_gbs_before']:.1f} / {bw['copy_gbs_after']:.1f} GB/s.",
