@@ -77,3 +77,24 @@ def test_compile_and_packed_weights_exclude_each_other() -> None:
     if any(p.is_mkldnn for p in packed.model.llama.parameters()):  # packed where it pays (this CPU: yes)
         with pytest.raises(ValueError, match="compile needs plain weights"):
             Engine(packed, compile=True)
+
+
+def test_compiled_engine_follows_an_adapter_swap(tiny_files: dict[str, Path], tmp_path: Path) -> None:
+    """The caption expert swaps another adapter's tensors in for one request: the compiled step must
+    read the swapped-in tensors (and the main ones again afterwards), as the eager engine does."""
+    from multimodal.swap import AdapterSwap
+    from tiny import write_official_adapter
+
+    write_official_adapter(tmp_path / "main.pth", build_preset("tiny"), lora_rank=2, seed=5)
+    write_official_adapter(tmp_path / "other.pth", build_preset("tiny"), lora_rank=2, seed=9)
+    greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
+    answers = []
+    for compile in (False, True):
+        loaded = load_model(tiny_files["llama_dir"], tiny_files["tokenizer_path"], tiny_files["clip_path"],
+                            tmp_path / "main.pth", preset="tiny", device="cpu", dtype="float32")
+        engine, swap = Engine(loaded, compile=compile), AdapterSwap(loaded.model, tmp_path / "other.pth")
+        main = engine.complete([1, 40, 7, 99], None, greedy)
+        other = "".join(engine.stream([1, 40, 7, 99], None, greedy, adapter=swap))
+        answers.append((main, other, engine.complete([1, 40, 7, 99], None, greedy)))
+    assert answers[1] == answers[0]
+    assert answers[0][0] != answers[0][1] and answers[0][2] == answers[0][0]  # the swap changes the answer, then not
