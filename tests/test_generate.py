@@ -100,10 +100,11 @@ def test_sampling_rules() -> None:
     assert sample(logits, 0.0, 0.75, None).tolist() == [1]
     assert sample(logits, 1.0, 1e-6, None).tolist() == [1]  # a tiny nucleus holds only the top token
     g = torch.Generator().manual_seed(0)
-    draws = [int(sample(logits, 1.0, 0.75, g)) for _ in range(300)]
+    draws = [int(sample(logits, 1.0, 0.75, g)) for _ in range(1000)]
     assert set(draws) == {1, 3}  # 0.5 + 0.3 reaches 0.75; 0.15 and 0.05 are outside the nucleus
+    assert draws.count(1) / 1000 == pytest.approx(0.5 / 0.8, abs=0.05)  # renormalised within the nucleus
     draws = [int(sample(logits, 1.0, 1.0, g)) for _ in range(2000)]
-    assert draws.count(1) / 2000 == pytest.approx(0.5, abs=0.05)
+    assert [draws.count(i) / 2000 for i in range(4)] == pytest.approx([0.05, 0.5, 0.15, 0.3], abs=0.04)
 
 
 @pytest.mark.parametrize("tokenizer_file", ["llama/tokenizer.model", "stories260K/tokenizer.model"])
