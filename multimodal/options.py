@@ -82,7 +82,6 @@ class ModelOptions:
         """Compiled steps and oneDNN-packed weights exclude each other (inductor needs plain weights)."""
         return False if self.compile else None
 
-
     def load_demo(self) -> LoadedModel:
         d = demo_dir(self.weights_dir)
         missing = [f for f in DEMO_FILES if not (d / f).is_file()]
