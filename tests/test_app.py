@@ -16,6 +16,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from app.__main__ import build_parser, launch, load_engine, parse_auth, parse_experts
+from multimodal.options import options_from_args
 from app.chat import AppConfig, ChatApp, ChatError
 from app.prompting import PromptBudgetError, assemble
 from app.state import ChatSession, Notice
@@ -369,6 +370,10 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     args = build_parser().parse_args(["--concurrency", "3", "--device", "cpu", "--dtype", "bfloat16"])
     assert (args.port, args.share, args.experts, args.concurrency, args.device, args.dtype) == \
         (9000, True, "ocr", 3, "cpu", "bfloat16")
+    assert not options_from_args(args).compile
+    monkeypatch.setenv("MM_COMPILE", "1")
+    assert options_from_args(build_parser().parse_args([])).compile
+    assert options_from_args(build_parser().parse_args(["--compile", "--quantize", "int8"])).quantize == "int8"
     assert parse_experts("caption, ocr") == ["caption", "ocr"] and parse_experts("none") == []
     with pytest.raises(ValueError, match="unknown expert"):
         parse_experts("ocr,magic")
