@@ -108,7 +108,7 @@ def report(plan: Plan, a: argparse.Namespace, info: dict[str, Any], bw: dict[str
         warm = ", ".join(f"{k} {v:.1f} s" for k, v in ours["warmup_s"].items())  # 'plain' compiles anew (no prompts)
         lines.append(f"Our decode steps: **torch.compile**d (`--compile`, fixed-shape `Transformer.step`"
                      f"{', CUDA graphs' if plan.device.type == 'cuda' else ''}); its greedy tokens "
-                     f"{'match' if ours['compiled_tokens_match'] else 'DIFFER FROM'} the eager check's. Compiling: "
+                     f"{'match' if ours['compiled_tokens_match'] else 'DIFFER FROM'} the eager path's (gates open). Compiling: "
                      f"{ours['compile_s']:.1f} s in the check (image prompts), then warm-up runs: {warm}.")
     return "\n".join(lines)
 
