@@ -10,6 +10,7 @@ import io
 import logging
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +103,31 @@ def load_engine(options: ModelOptions) -> tuple[Engine | None, str | None]:
         return None, message
 
 
+def caption_adapter_path(args: argparse.Namespace, options: ModelOptions) -> Path:
+    """The caption adapter file: a .pth path as given, or a weights-manifest name (MissingWeightError,
+    a FileNotFoundError, when it is not downloaded)."""
+    path = Path(args.caption_adapter)
+    if path.suffix in (".pth", ".pt"):
+        return path
+    from weights import require
+
+    return require(args.caption_adapter, options.weights_dir)
+
+
+def keep_lora_swappable(args: argparse.Namespace, options: ModelOptions) -> ModelOptions:
+    """The main model's LoRA is folded into its weights at load (ModelOptions.merge_lora), unless a
+    caption adapter that has LoRA of its own is present: swapping that in needs LoRA kept apart."""
+    if args.caption_adapter in (None, "", "none") or not options.merge_lora:
+        return options
+    try:
+        from multimodal.checkpoint import read_adapter
+
+        has_lora = read_adapter(caption_adapter_path(args, options)).lora_rank > 0
+    except (FileNotFoundError, ValueError, KeyError, RuntimeError):
+        return options  # no usable caption adapter: build_experts says why
+    return replace(options, merge_lora=False) if has_lora else options
+
+
 def build_experts(engine: Engine | None, options: ModelOptions, args: argparse.Namespace) -> ExpertRunner | None:
     """One shared runner for the experts the operator offers; the caption expert reuses the loaded model."""
     offered = parse_experts(args.experts)
@@ -116,11 +142,7 @@ def build_experts(engine: Engine | None, options: ModelOptions, args: argparse.N
         swap, model_id = None, f"{options.model}:{options.adapter}:main-model-caption"
         if args.caption_adapter not in (None, "", "none") and engine.model.config is not None:
             try:
-                path = Path(args.caption_adapter)
-                if path.suffix not in (".pth", ".pt"):
-                    from weights import require
-
-                    path = require(args.caption_adapter, options.weights_dir)
+                path = caption_adapter_path(args, options)
                 swap = AdapterSwap(engine.model, path)
                 model_id = f"{options.model}:{path.name}"
             except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
@@ -167,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.error(str(e))
 
-    options = options_from_args(args)
+    options = keep_lora_swappable(args, options_from_args(args))
     engine, load_error = load_engine(options)
     if load_error:
         log.warning("serving without a model: %s", load_error)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter import is_base, is_trainable
+from .adapter import is_base, is_trainable, merge_lora_into_weights
 from .checkpoint import (AdapterCheckpoint, CheckpointError, StateDict, preview_names, ours_to_official, read_adapter,
                          read_meta_llama, read_openai_clip_visual)
 from .config import LlamaConfig, ModelConfig, build_preset
@@ -137,7 +137,7 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
                adapter_path: str | os.PathLike | None = None, preset: str = "official-7b",
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
                max_seq_len: int | None = None, bgr: bool | None = None, quantize: str | None = None,
-               lora_rank: int | None = None, pack: bool | None = None) -> LoadedModel:
+               lora_rank: int | None = None, pack: bool | None = None, merge_lora: bool = False) -> LoadedModel:
     """Meta LLaMA directory + tokenizer + OpenAI CLIP file (+ adapter checkpoint) -> a ready model.
 
     ``bgr`` overrides the preset's channel order (the official preset feeds BGR, as the released
@@ -146,7 +146,9 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
     that rank (zero-initialised where the adapter file has none, e.g. to train it); by default the
     model has the LoRA the adapter file has. ``pack`` prepacks the language model's frozen weights
     for oneDNN (see packing.py); by default it does where that is faster: bfloat16 on a CPU with
-    oneDNN bf16, not quantised. Packed models are for inference only."""
+    oneDNN bf16, not quantised. ``merge_lora`` folds the adapter's LoRA into the frozen weights (two
+fewer matrix products per linear layer and step); the model then has no LoRA to train or to swap
+(see swap.py). Packed and merged models are for inference only."""
     target = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype, target)
     if quantize not in (None, "int8"):
@@ -173,6 +175,8 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
     if adapter is not None:
         apply_adapter(model, adapter, f"adapter checkpoint {adapter_path}")
     model.eval().requires_grad_(False)
+    if merge_lora:  # before int8 and packing, which replace the weights
+        merge_lora_into_weights(model.llama)
     if quantize == "int8":
         from .quantize import quantize_int8
 

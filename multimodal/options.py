@@ -43,6 +43,7 @@ class ModelOptions:
     bgr: bool | None = None  # None: the preset's channel order
     quantize: str | None = None  # "int8": weight-only int8 language model (torchao)
     compile: bool = False  # torch.compile the decoding step (CUDA graphs on a GPU); see Engine
+    merge_lora: bool = True  # fold LoRA into the frozen weights at load (then no LoRA adapter can be swapped in)
 
     def engine(self) -> Engine:
         """Load the model and wrap it in an Engine with these options."""
@@ -75,7 +76,7 @@ class ModelOptions:
             adapter = require(self.adapter, self.weights_dir)
         return load_model(llama_dir, tokenizer, clip, adapter, preset=self.preset, device=self.device,
                           dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=self.bgr, quantize=self.quantize,
-                          pack=self._pack)
+                          pack=self._pack, merge_lora=self.merge_lora)
 
     @property
     def _pack(self) -> bool | None:
@@ -90,7 +91,7 @@ class ModelOptions:
                                     "(see weights/demo/README.md for the command that trains it)")
         return load_model(d, d / "tokenizer.model", d / "clip.pt", d / "adapter.pth", preset="demo",
                           device=self.device, dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=False,
-                          quantize=self.quantize, pack=self._pack)
+                          quantize=self.quantize, pack=self._pack, merge_lora=self.merge_lora)
 
 
 def _beside(llama_dir: Path, name: str) -> Path:

@@ -25,7 +25,12 @@ class AdapterSwap:
 
     def __init__(self, model: MultimodalLlama, path: str | os.PathLike) -> None:
         source = f"adapter checkpoint {path}"
-        state = adapter_state(model, read_adapter(path), source)
+        ckpt = read_adapter(path)
+        own_names = {name for name, _ in model.named_parameters()}
+        if any(".lora_" in k and k not in own_names for k in ckpt.state):
+            raise ValueError(f"{source} has LoRA where the loaded model has none to swap it into: its adapter has "
+                             "no LoRA, or its LoRA was merged into the weights (load with merge_lora=False)")
+        state = adapter_state(model, ckpt, source)
         own = dict(model.named_parameters())
         self.tensors = {k: v.to(own[k].device, own[k].dtype).clone() for k, v in state.items()}
         wrong = [k for k, v in self.tensors.items() if v.shape != own[k].shape]
