@@ -104,6 +104,10 @@ def report(plan: Plan, a: argparse.Namespace, info: dict[str, Any], bw: dict[str
         f"Build (random fill) time: ours {ours['build_s']:.1f} s, transformers {hf['build_s']:.1f} s.",
         weights_line(ours, a),
     ]
+    if ours["lora_merged"]:
+        lines.append(f"LoRA (rank {plan.cfg.adapter.lora_rank}, up-projection at its zero init, so the check above "
+                     f"still holds) merged into {ours['lora_merged']} of our linear weights as the app loads it; "
+                     "wk/wv keep theirs apart (the prompts use their bare weights).")
     if ours["compiled"]:
         warm = ", ".join(f"{k} {v:.1f} s" for k, v in ours["warmup_s"].items())  # 'plain' compiles anew (no prompts)
         lines.append(f"Our decode steps: **torch.compile**d (`--compile`, fixed-shape `Transformer.step`"

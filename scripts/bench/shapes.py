@@ -6,9 +6,10 @@ from dataclasses import replace
 
 import torch
 
-from multimodal.config import LLAMA_7B, TINY_LLAMA, LlamaConfig, ModelConfig, build_preset
+from multimodal.config import DEMO_LLAMA, LLAMA_7B, TINY_LLAMA, LlamaConfig, ModelConfig, build_preset
 
-SHAPES = ("tiny", "1b", "7b")
+SHAPES = ("tiny", "demo", "1b", "7b")
+DEMO_LORA_RANK = 8  # weights/demo's adapter.pth has rank-8 LoRA (multimodal.train.demo.DemoPlan.lora_rank)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CHUNK = 1 << 24  # elements filled per normal_ call: bounds any temporary the RNG may need
 
@@ -22,10 +23,14 @@ LLAMA_1B = LlamaConfig(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_si
 
 
 def model_config(shape: str, max_seq_len: int) -> ModelConfig:
-    """tiny: the "tiny" preset. 1b and 7b: the official-7b layout (adapter + visual prompts in every layer
-    but the first, ViT-L/14, 10-query resampler), re-derived by the preset for the LLaMA shape."""
+    """tiny: the "tiny" preset. demo: the demo model's layout (weights/demo) with its rank-8 LoRA. 1b and
+    7b: the official-7b layout (adapter + visual prompts in every layer but the first, ViT-L/14,
+    10-query resampler), re-derived by the preset for the LLaMA shape."""
     if shape == "tiny":
         return build_preset("tiny", replace(TINY_LLAMA, max_seq_len=max_seq_len))
+    if shape == "demo":
+        cfg = build_preset("demo", replace(DEMO_LLAMA, max_seq_len=max_seq_len))
+        return cfg.with_adapter(lora_rank=DEMO_LORA_RANK, new_gate=True)  # as load_model reads the file
     llama = LLAMA_1B if shape == "1b" else LLAMA_7B
     return build_preset("official-7b", replace(llama, max_seq_len=max_seq_len))
 

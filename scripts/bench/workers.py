@@ -32,6 +32,7 @@ class OursWorker:
     variants = ("adapter", "plain")
 
     def __init__(self, a: argparse.Namespace, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        from multimodal.adapter import merge_lora_into_weights
         from multimodal.loading import build_empty
         from multimodal.packing import pack_language_model, packing_pays
 
@@ -42,7 +43,8 @@ class OursWorker:
         model = build_empty(cfg, device, dtype)
         fill_base_weights(model, a.seed)
         self.model = model.eval().requires_grad_(False)
-        # what load_model does after loading: pack the LM for oneDNN where that pays (see packing.py)
+        # what the app's load does: fold LoRA into the weights (demo shape), then pack where that pays
+        self.info["lora_merged"] = merge_lora_into_weights(model.llama)
         pack = {"auto": packing_pays(device, dtype), "on": True, "off": False}[a.pack] and not (a.quantize or a.compile)
         self.info["packed_linears"] = pack_language_model(model.llama) if pack else 0
         model.llama.setup_cache(batch=1)
