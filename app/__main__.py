@@ -193,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     engine, load_error = load_engine(options)
     if load_error:
         log.warning("serving without a model: %s", load_error)
+    elif options.compile:
+        log.info("compiling the decoding step (--compile), so that the first answer does not wait for it...")
+        log.info("compiled in %.0f s", engine.warm_up())
     config = AppConfig(default_experts=tuple(on), context_tokens=args.context_tokens,
                        default_max_new_tokens=args.max_new_tokens,
                        log_dir=Path(args.log_chats) if args.log_chats else None)
