@@ -121,8 +121,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--quantize", default=env("MM_QUANTIZE"), choices=["int8"],
                    help="weight-only int8 language model (torchao): LLaMA-7B in about 7 GB (env MM_QUANTIZE)")
     g.add_argument("--compile", action="store_true", default=env("MM_COMPILE") == "1",
-                   help="torch.compile each decoding step (CUDA graphs on a GPU): faster tokens after a first "
-                        "answer that waits for the compilation (env MM_COMPILE=1)")
+                   help="torch.compile each decoding step (CUDA graphs on a GPU): the app compiles it at start, "
+                        "the command line on its first answer (env MM_COMPILE=1)")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--bgr", dest="bgr", action="store_true", default=None,
                        help="feed BGR pixels (what the released checkpoints were trained on; the official preset's default)")
