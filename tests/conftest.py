@@ -5,7 +5,7 @@ import contextlib
 import os
 import socket
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -48,6 +48,24 @@ def tiny_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     write_meta_dir(root / "llama", TINY_LLAMA, seed=0, vocab_in_params=False)
     write_openai_clip(root / "clip.pt", TINY_CLIP, seed=0)
     return {"llama_dir": root / "llama", "tokenizer_path": tokenizer, "clip_path": root / "clip.pt", "root": root}
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter(tmp_path_factory: pytest.TempPathFactory) -> Callable[[int, int], Path]:
+    """(LoRA rank, seed) -> a random adapter for the ``tiny`` preset in the released files' format,
+    written once per session."""
+    from multimodal.config import build_preset
+    from tiny import write_official_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+
+    def make(lora_rank: int, seed: int) -> Path:
+        path = root / f"lora{lora_rank}-seed{seed}.pth"
+        if not path.exists():
+            write_official_adapter(path, build_preset("tiny"), lora_rank=lora_rank, seed=seed)
+        return path
+
+    return make
 
 
 # --- no test touches the internet ------------------------------------------------------------------------

@@ -4,6 +4,7 @@ graph for every position and turn, and no compiling of packed weights."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -83,20 +84,18 @@ def test_compile_and_packed_weights_exclude_each_other() -> None:
             Engine(packed, compile=True)
 
 
-def test_compiled_engine_follows_an_adapter_swap(tiny_files: dict[str, Path], tmp_path: Path) -> None:
+def test_compiled_engine_follows_an_adapter_swap(tiny_files: dict[str, Path],
+                                                 tiny_adapter: Callable[[int, int], Path]) -> None:
     """The caption expert swaps another adapter's tensors in for one request: the compiled step must
     read the swapped-in tensors (and the main ones again afterwards), as the eager engine does."""
     from multimodal.swap import AdapterSwap
-    from tiny import write_official_adapter
 
-    write_official_adapter(tmp_path / "main.pth", build_preset("tiny"), lora_rank=2, seed=5)
-    write_official_adapter(tmp_path / "other.pth", build_preset("tiny"), lora_rank=2, seed=9)
     greedy = SamplingParams(max_new_tokens=12, temperature=0.0)
     answers = []
     for compile in (False, True):
         loaded = load_model(tiny_files["llama_dir"], tiny_files["tokenizer_path"], tiny_files["clip_path"],
-                            tmp_path / "main.pth", preset="tiny", device="cpu", dtype="float32")
-        engine, swap = Engine(loaded, compile=compile), AdapterSwap(loaded.model, tmp_path / "other.pth")
+                            tiny_adapter(2, 5), preset="tiny", device="cpu", dtype="float32")
+        engine, swap = Engine(loaded, compile=compile), AdapterSwap(loaded.model, tiny_adapter(2, 9))
         main = engine.complete([1, 40, 7, 99], None, greedy)
         other = "".join(engine.stream([1, 40, 7, 99], None, greedy, adapter=swap))
         answers.append((main, other, engine.complete([1, 40, 7, 99], None, greedy)))

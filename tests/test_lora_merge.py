@@ -4,6 +4,7 @@ LoRA of its own."""
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -11,20 +12,15 @@ import torch
 
 from app.__main__ import keep_lora_swappable
 from multimodal.adapter import AdaptedLinear
-from multimodal.config import build_preset
 from multimodal.generate import Engine, SamplingParams
 from multimodal.loading import LoadedModel, load_model
 from multimodal.options import ModelOptions
 from multimodal.swap import AdapterSwap
-from tiny import write_official_adapter
 
 
 @pytest.fixture(scope="module")
-def files(tiny_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("merge")
-    write_official_adapter(root / "lora.pth", build_preset("tiny"), lora_rank=4, seed=5)
-    write_official_adapter(root / "bias.pth", build_preset("tiny"), lora_rank=0, seed=9)
-    return tiny_files | {"lora": root / "lora.pth", "bias": root / "bias.pth"}
+def files(tiny_files: dict[str, Path], tiny_adapter: Callable[[int, int], Path]) -> dict[str, Path]:
+    return tiny_files | {"lora": tiny_adapter(4, 5), "bias": tiny_adapter(0, 9)}
 
 
 def _load(files: dict[str, Path], adapter: str = "lora", **kw: object) -> LoadedModel:

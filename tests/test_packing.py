@@ -2,29 +2,25 @@
 greedy tokens and the same adapter swaps as the plain weights, and never used for training."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 
 from multimodal.adapter import AdaptedLinear
-from multimodal.config import build_preset
 from multimodal.generate import Engine, SamplingParams
 from multimodal.loading import LoadedModel, load_model
 from multimodal.packing import can_pack, pack_language_model, packing_pays, unpack_language_model
 from multimodal.swap import AdapterSwap
 from multimodal.train.build import load_for_training
-from tiny import write_official_adapter
 
 PAYS = packing_pays("cpu", torch.bfloat16)  # this CPU runs oneDNN bf16 natively (avx512_bf16 or AMX)
 
 
 @pytest.fixture(scope="module")
-def files(tiny_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("packing")
-    write_official_adapter(root / "main.pth", build_preset("tiny"), lora_rank=2, seed=5)
-    write_official_adapter(root / "other.pth", build_preset("tiny"), lora_rank=2, seed=9)
-    return tiny_files | {"main": root / "main.pth", "other": root / "other.pth"}
+def files(tiny_files: dict[str, Path], tiny_adapter: Callable[[int, int], Path]) -> dict[str, Path]:
+    return tiny_files | {"main": tiny_adapter(2, 5), "other": tiny_adapter(2, 9)}
 
 
 def _load(files: dict[str, Path], **kw: object) -> LoadedModel:
