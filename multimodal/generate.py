@@ -12,7 +12,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +25,7 @@ from .loading import LoadedModel
 from .tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
+    from .llama import Transformer
     from .swap import AdapterSwap
 
 
@@ -82,6 +83,16 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
         choice = draw(sorted_probs, generator)  # [B]; needs no renormalising
         return order.gather(-1, choice[:, None]).squeeze(-1)
     return draw(probs, generator)
+
+
+def compile_step(llama: Transformer) -> Callable[..., torch.Tensor]:
+    """``llama.step`` through torch.compile: one graph for every position (fixed shapes), replayed as a
+    CUDA graph on a GPU ("reduce-overhead"). Needs plain weights: inductor picks its own CPU kernels."""
+    if any(p.is_mkldnn for p in llama.parameters()):
+        raise ValueError("compile needs plain weights: load the model with pack=False "
+                         "(inductor chooses its own CPU kernels)")
+    mode = "reduce-overhead" if llama.output.weight.device.type == "cuda" else None
+    return torch.compile(llama.step, fullgraph=True, dynamic=False, mode=mode)
 
 
 def image_key(image: Image.Image) -> str:
@@ -146,13 +157,7 @@ class Engine:
         self._kv_prompts: list[PromptKV | None] | None = None
         self._kv_adapter: object = None
         self.overlap_decode: bool | None = None  # None: queue the next step before reading an id on CUDA only
-        self._step = None
-        if compile:
-            if any(p.is_mkldnn for p in self.model.llama.parameters()):
-                raise ValueError("compile needs plain weights: load the model with pack=False "
-                                 "(inductor chooses its own CPU kernels)")
-            mode = "reduce-overhead" if self.model.device.type == "cuda" else None
-            self._step = torch.compile(self.model.llama.step, fullgraph=True, dynamic=False, mode=mode)
+        self._step = compile_step(self.model.llama) if compile else None
 
     @property
     def max_seq_len(self) -> int:
@@ -161,8 +166,12 @@ class Engine:
     def forget(self) -> None:
         """Drop cached image prompts and the KV-reuse state, e.g. after changing the model's weights."""
         with self._lock:
-            self._image_cache.clear()
-            self._kv_ids, self._kv_prompts, self._kv_adapter = [], None, None
+            self._forget()
+
+    def _forget(self) -> None:
+        """As forget; the caller holds the lock."""
+        self._image_cache.clear()
+        self._kv_ids, self._kv_prompts, self._kv_adapter = [], None, None
 
     def warm_up(self, calls: int = 3) -> float:
         """Compile the decoding step before the first user waits for it, with and without an image (the
@@ -180,8 +189,7 @@ class Engine:
                 prompts = self._image_prompts(image, None)
                 for i in range(calls):
                     self._step(token, torch.tensor([i], device=device), prompts)
-            self._image_cache.clear()
-            self._kv_ids, self._kv_prompts, self._kv_adapter = [], None, None
+            self._forget()
         return time.perf_counter() - start
 
     def pixels(self, image: Image.Image | None) -> torch.Tensor | None:

@@ -133,6 +133,19 @@ class LoadedModel:
         return self.model.config
 
 
+def prepare_language_model(llama: torch.nn.Module, device: torch.device, dtype: torch.dtype, merge_lora: bool = False,
+                           pack: bool | None = None, quantize: str | None = None) -> tuple[int, int]:
+    """The inference-only weight changes load_model makes to a loaded language model, in their order:
+    fold LoRA into the weights, then pack them for oneDNN (``pack`` None: where packing pays, never
+    with int8, which the caller applies afterwards). Returns (layers merged, layers packed)."""
+    merged = merge_lora_into_weights(llama) if merge_lora else 0  # first: packing replaces the weights
+    if pack is None:
+        pack = quantize is None and packing_pays(device, dtype)
+    if pack and quantize is not None:
+        raise ValueError("pack and quantize exclude each other: int8 weights have their own kernels")
+    return merged, pack_language_model(llama) if pack else 0
+
+
 def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, clip_path: str | os.PathLike,
                adapter_path: str | os.PathLike | None = None, preset: str = "official-7b",
                device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
@@ -147,8 +160,8 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike, 
     model has the LoRA the adapter file has. ``pack`` prepacks the language model's frozen weights
     for oneDNN (see packing.py); by default it does where that is faster: bfloat16 on a CPU with
     oneDNN bf16, not quantised. ``merge_lora`` folds the adapter's LoRA into the frozen weights (two
-fewer matrix products per linear layer and step); the model then has no LoRA to train or to swap
-(see swap.py). Packed and merged models are for inference only."""
+    fewer matrix products per linear layer and step); the model then has no LoRA to train or to swap
+    (see swap.py). Packed and merged models are for inference only."""
     target = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype, target)
     if quantize not in (None, "int8"):
@@ -175,18 +188,11 @@ fewer matrix products per linear layer and step); the model then has no LoRA to 
     if adapter is not None:
         apply_adapter(model, adapter, f"adapter checkpoint {adapter_path}")
     model.eval().requires_grad_(False)
-    if merge_lora:  # before int8 and packing, which replace the weights
-        merge_lora_into_weights(model.llama)
+    prepare_language_model(model.llama, target, dtype, merge_lora=merge_lora, pack=pack, quantize=quantize)
     if quantize == "int8":
         from .quantize import quantize_int8
 
         quantize_int8(model, target)
-    if pack is None:
-        pack = quantize is None and packing_pays(target, dtype)
-    if pack:
-        if quantize is not None:
-            raise ValueError("pack and quantize exclude each other: int8 weights have their own kernels")
-        pack_language_model(model.llama)
     use_bgr = cfg.bgr if bgr is None else bgr
     return LoadedModel(model, tokenizer, ImagePreprocessor(cfg.clip, bgr=use_bgr))
 

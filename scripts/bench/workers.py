@@ -32,9 +32,8 @@ class OursWorker:
     variants = ("adapter", "plain")
 
     def __init__(self, a: argparse.Namespace, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
-        from multimodal.adapter import merge_lora_into_weights
-        from multimodal.loading import build_empty
-        from multimodal.packing import pack_language_model, packing_pays
+        from multimodal.generate import compile_step
+        from multimodal.loading import build_empty, prepare_language_model
 
         self.device, self.new_tokens = device, a.new_tokens
         self.info: dict[str, Any] = {"rss_start_mib": rss_mib()}
@@ -43,10 +42,10 @@ class OursWorker:
         model = build_empty(cfg, device, dtype)
         fill_base_weights(model, a.seed)
         self.model = model.eval().requires_grad_(False)
-        # what the app's load does: fold LoRA into the weights (demo shape), then pack where that pays
-        self.info["lora_merged"] = merge_lora_into_weights(model.llama)
-        pack = {"auto": packing_pays(device, dtype), "on": True, "off": False}[a.pack] and not (a.quantize or a.compile)
-        self.info["packed_linears"] = pack_language_model(model.llama) if pack else 0
+        # what the app's load does (LoRA folded in for the demo shape; packed where that pays), int8 later
+        pack = False if a.compile or a.quantize else {"auto": None, "on": True, "off": False}[a.pack]
+        self.info["lora_merged"], self.info["packed_linears"] = prepare_language_model(
+            model.llama, device, dtype, merge_lora=True, pack=pack, quantize=a.quantize)
         model.llama.setup_cache(batch=1)
         clock.mark("build")
         self.info |= {"build_s": clock.marks["build"], "rss_built_mib": rss_mib(), "cuda_weights_mib": cuda_now_mib(device)}
@@ -57,8 +56,7 @@ class OursWorker:
             self._quantize(device)
         self.step = None
         if a.compile:  # as Engine(compile=True), on the model as it will be timed (int8 included)
-            mode = "reduce-overhead" if device.type == "cuda" else None
-            self.step = torch.compile(model.llama.step, fullgraph=True, dynamic=False, mode=mode)
+            self.step = compile_step(model.llama)
             self._check_compiled()
         self.warm: set[str] = set()
         self.warmup_s: dict[str, float] = {}
