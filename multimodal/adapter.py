@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import AdapterConfig
 from .packing import linear
 
 
@@ -79,16 +80,25 @@ class PromptKV:
 
     k: torch.Tensor  # [B, n_kv_heads, P, head_dim]
     v: torch.Tensor  # [B, n_kv_heads, P, head_dim]
-    gate: torch.Tensor  # [1, n_heads, 1, 1]: tanh(gate) (* new_gate)
+    gate: torch.Tensor  # [1, n_heads or 1, 1, 1]: what PromptGate gives (tanh(gate) * new_gate)
 
 
 class PromptGate(nn.Module):
-    """Zero-initialised per-head gate of a prompted layer (official names: ``gate``, ``new_gate``)."""
+    """Zero-initialised gate of a prompted layer (official names: ``gate``, ``new_gate``).
 
-    def __init__(self, n_heads: int, new_gate: bool) -> None:
+    LLaMA-Adapter scales each head's prompt attention by tanh(gate[h]) (times ``new_gate`` in the
+    LORA-BIAS files); PEFT's AdaptionPrompt by the plain value of one gate per layer
+    (``fn="identity"``, ``per_head=False``). Both start at zero, so a fresh adapter changes nothing."""
+
+    def __init__(self, n_heads: int, new_gate: bool, fn: str = "tanh", per_head: bool = True) -> None:
         super().__init__()
-        self.gate = nn.Parameter(torch.zeros(1, n_heads, 1, 1))
+        self.fn = fn
+        self.gate = nn.Parameter(torch.zeros(1, n_heads if per_head else 1, 1, 1))
         self.new_gate = nn.Parameter(torch.ones(1, 1, 1, 1)) if new_gate else None
+
+    @classmethod
+    def for_adapter(cls, n_heads: int, acfg: AdapterConfig) -> "PromptGate":
+        return cls(n_heads, acfg.new_gate, acfg.gate_fn, acfg.gate_per_head)
 
     def reset_adapter_parameters(self) -> None:
         with torch.no_grad():
@@ -97,8 +107,12 @@ class PromptGate(nn.Module):
                 self.new_gate.fill_(1.0)
 
     def forward(self) -> torch.Tensor:
-        g = torch.tanh(self.gate)
+        """The factor on the prompt's attention output: [1, n_heads or 1, 1, 1]."""
+        g = torch.tanh(self.gate) if self.fn == "tanh" else self.gate
         return g * self.new_gate if self.new_gate is not None else g
+
+    def extra_repr(self) -> str:
+        return f"fn={self.fn}, heads={self.gate.shape[1]}, new_gate={self.new_gate is not None}"
 
 
 def merge_lora_into_weights(llama: nn.Module) -> int:

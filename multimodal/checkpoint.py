@@ -1,18 +1,22 @@
 """Reading and writing the weight file formats: Meta's consolidated LLaMA directory, OpenAI's CLIP file
-and the official LLaMA-Adapter V2 adapter checkpoints. Tensors come back memory-mapped where the format
-allows, so a 7B file is never held twice; pickled files are only read with ``weights_only=True``."""
+and the official LLaMA-Adapter V2 adapter checkpoints (PEFT's AdaptionPrompt folders: formats/peft.py),
+and the shapes those files state. Tensors come back memory-mapped where the format allows, so a 7B file
+is never held twice; pickled files are only read with ``weights_only=True``."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import zipfile
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .config import ClipVisionConfig, LlamaConfig, ResamplerConfig
 
 StateDict = Mapping[str, torch.Tensor]
 
@@ -117,6 +121,28 @@ def read_openai_clip_visual(path: str | os.PathLike) -> StateDict:
     return visual
 
 
+def _block_count(state: StateDict, prefix: str) -> int:
+    """Number of numbered blocks ``{prefix}{i}.`` among the keys (0 if none)."""
+    ids = {int(k[len(prefix):].split(".", 1)[0]) for k in state if k.startswith(prefix)}
+    return max(ids) + 1 if ids else 0
+
+
+def clip_config_from_state(visual: StateDict, base: ClipVisionConfig, source: str) -> ClipVisionConfig:
+    """The ViT's shapes as an OpenAI-format ``visual.*`` state dict states them; ``base`` keeps what the
+    file cannot say (the normalisation statistics). Heads follow OpenAI's rule (``build_model`` in
+    clip/model.py): one per 64 channels of width."""
+    conv = visual["conv1.weight"]  # [width, 3, patch, patch]
+    width, patch = conv.shape[0], conv.shape[-1]
+    grid = math.isqrt(visual["positional_embedding"].shape[0] - 1)  # positions: CLS + grid * grid patches
+    layers = _block_count(visual, "transformer.resblocks.")
+    if grid * grid + 1 != visual["positional_embedding"].shape[0] or not layers or width % 64:
+        raise CheckpointError(f"{source}: not an OpenAI ViT of a square grid with 64-wide heads (width {width}, "
+                              f"{visual['positional_embedding'].shape[0]} positions, {layers} blocks)")
+    mlp = visual["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]  # [mlp, width]
+    return replace(base, image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=width // 64,
+                   mlp_ratio=mlp / width, output_dim=visual["proj"].shape[1])  # proj: [width, output_dim]
+
+
 # --- LLaMA-Adapter V2 adapter checkpoints -----------------------------------------------------------
 
 _RESAMPLER_PREFIXES = ("clip_proj.", "clip_proj_norm.", "visual_query.", "visual_blocks.", "visual_proj.", "visual_proj_norm.")
@@ -149,10 +175,18 @@ def ours_to_official(key: str) -> str:
     return key
 
 
+# The official code builds its resampler blocks with 16 heads (``v_num_heads=16`` for width 768) and the
+# files do not record it; a width other than the preset's gets the official 16.
+OFFICIAL_RESAMPLER_HEADS = 16
+
+
 @dataclass
 class AdapterCheckpoint:
     state: StateDict  # our key names
     config: dict[str, Any] = field(default_factory=dict)  # the file's 'config' entry, if any
+    # AdapterConfig fields the format states outright (PEFT: its layers, prompt length, plain gate); an
+    # official file leaves them to be derived from its tensors and the preset (loading.adapter_layout).
+    layout: dict[str, Any] = field(default_factory=dict)
 
     @property
     def lora_rank(self) -> int:
@@ -171,10 +205,58 @@ class AdapterCheckpoint:
     def has_scale(self) -> bool:
         return any(k.endswith(".scale") for k in self.state)
 
+    @property
+    def has_bias(self) -> bool:
+        return any(k.startswith("llama.") and k.endswith(".bias") for k in self.state)
 
-def read_adapter(path: str | os.PathLike) -> AdapterCheckpoint:
-    """An adapter file: ``{'model': state_dict, 'config': {...}}`` (config optional) or a bare state dict."""
+    @property
+    def has_resampler(self) -> bool:
+        """Whether the file has a visual part; without one the model it makes is text-only."""
+        return any(k.startswith("resampler.") for k in self.state)
+
+    @property
+    def prompt_rows(self) -> int:
+        """Rows of ``adapter_query``: adaption-prompt layers times prompt length (0: none)."""
+        q = self.state.get("adapter_query.weight")
+        return q.shape[0] if q is not None else 0
+
+    @property
+    def gated_layers(self) -> tuple[int, ...]:
+        """Layers the file has a gate for (official files gate every layer, the unused layer 0 too)."""
+        return tuple(sorted(int(m[1].split(".")[2]) for k in self.state if (m := _OUR_GATE.match(k)) and m[2] == "gate"))
+
+    def resampler_config(self, base: ResamplerConfig, source: str) -> ResamplerConfig | None:
+        """The resampler's shapes from its tensors (None: the file has none); ``base`` is the preset's.
+        Heads are not stored: the preset's when its width is the file's, else OFFICIAL_RESAMPLER_HEADS."""
+        if not self.has_resampler:
+            return None
+        need = ("resampler.visual_query.weight", "resampler.clip_proj.weight")
+        missing = [ours_to_official(k) for k in need if k not in self.state]
+        if missing:
+            raise CheckpointError(f"{source} has part of a visual resampler but lacks {', '.join(missing)}")
+        n_queries, dim = self.state["resampler.visual_query.weight"].shape  # [Q, dim]
+        depth = _block_count(self.state, "resampler.visual_blocks.")
+        fc1 = self.state.get("resampler.visual_blocks.0.mlp.fc1.weight")  # [hidden, dim]
+        heads = base.heads if dim == base.dim else OFFICIAL_RESAMPLER_HEADS
+        if dim % heads:
+            raise CheckpointError(f"{source}: resampler width {dim} does not split into the official "
+                                  f"{OFFICIAL_RESAMPLER_HEADS} heads (and no preset has that width)")
+        return replace(base, dim=dim, depth=depth, heads=heads, n_queries=n_queries,
+                       mlp_ratio=fc1.shape[0] / dim if fc1 is not None else base.mlp_ratio)
+
+
+def read_adapter(path: str | os.PathLike, llama: LlamaConfig | None = None) -> AdapterCheckpoint:
+    """An adapter: an official file (``{'model': state_dict, 'config': {...}}``, config optional, or a
+    bare state dict) or a PEFT AdaptionPrompt folder (``llama``, the base's config, checks it against
+    the base)."""
     path = Path(path)
+    if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            from .formats.peft import read_peft_adaption_prompt
+
+            return read_peft_adaption_prompt(path, llama)
+        raise CheckpointError(f"{path} is a folder without adapter_config.json (expected an official adapter file "
+                              "or a PEFT adapter folder)")
     if not path.is_file():
         raise FileNotFoundError(f"adapter checkpoint not found: {path}")
     raw = _load(path)

@@ -1,7 +1,10 @@
 """Model configuration: dataclasses and the named presets.
 
-The LLaMA shape normally comes from Meta's ``params.json``; the presets fix everything else (CLIP tower,
-visual resampler, and which layers get adaption prompts and visual tokens).
+Every shape the weight files state comes from them: the LLaMA's from the base's files, CLIP's from its
+state dict, the resampler's, the prompt length and the prompted layers from the adapter file
+(``checkpoint.model_config_from_files``). A preset keeps only what files cannot say: where the layers
+go when training from scratch, the channel order, and which layers are visual when an adapter file
+could be read either way.
 """
 from __future__ import annotations
 
@@ -12,8 +15,22 @@ from typing import Any
 
 
 @dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3.1's frequency-dependent RoPE scaling (``rope_type: llama3``): wavelengths longer than
+    ``original_max_position_embeddings / low_freq_factor`` are stretched by ``factor``, shorter than
+    ``... / high_freq_factor`` kept, and the band between interpolated smoothly."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
 class LlamaConfig:
-    """Meta's ``ModelArgs``: field names follow ``params.json``."""
+    """Meta's ``ModelArgs``: field names follow ``params.json``. Readers of other formats (Hugging Face
+    ``config.json``, GGUF metadata) fill the same fields; ``hidden_dim`` states the FFN width outright
+    where a file gives it, instead of Meta's rule of ``multiple_of`` and ``ffn_dim_multiplier``."""
 
     dim: int = 4096
     n_layers: int = 32
@@ -25,6 +42,9 @@ class LlamaConfig:
     norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     max_seq_len: int = 512  # prompt + generation; sizes the KV cache and the RoPE table
+    hidden_dim: int | None = None  # FFN width as a file states it; None: Meta's rule below
+    rope_scaling: RopeScaling | None = None  # Llama 3.1-style frequency scaling; None: plain RoPE
+    tie_embeddings: bool = False  # the output layer shares the token embedding (SmolLM2, Llama 3.2 1B)
 
     def __post_init__(self) -> None:
         if self.dim % self.n_heads:
@@ -44,7 +64,10 @@ class LlamaConfig:
 
     @property
     def ffn_hidden_dim(self) -> int:
-        """SwiGLU width as Meta computes it: 2/3 of 4*dim, times the multiplier, rounded up."""
+        """SwiGLU width: as the file states it, else as Meta computes it: 2/3 of 4*dim, times the
+        multiplier, rounded up to ``multiple_of``."""
+        if self.hidden_dim is not None:
+            return self.hidden_dim
         hidden = int(2 * (4 * self.dim) / 3)
         if self.ffn_dim_multiplier is not None:
             hidden = int(self.ffn_dim_multiplier * hidden)
@@ -64,6 +87,8 @@ class LlamaConfig:
                 raise ValueError("params.json gives vocab_size -1; pass the tokenizer's vocabulary size")
             args["vocab_size"] = vocab_size
         args.update(overrides)
+        if isinstance(args.get("rope_scaling"), dict):
+            args["rope_scaling"] = RopeScaling(**args["rope_scaling"])
         return cls(**args)
 
     @classmethod
@@ -102,6 +127,9 @@ class ResamplerConfig:
     n_queries: int = 10
 
 
+GATE_FUNCTIONS = ("tanh", "identity")
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """Where the gated prompts go and what else is tuned.
@@ -117,6 +145,14 @@ class AdapterConfig:
     scale: bool = False  # per-output scale (init 1) on the same linears; the paper has it, the 7B release does not
     lora_rank: int = 0  # 0: no LoRA. The LORA-BIAS checkpoints use 16 on wq, wk, wv, wo, w1, w2, w3
     new_gate: bool = False  # extra scalar gate (init 1) that the LORA-BIAS checkpoints carry
+    # How the gate scales the prompt's attention: LLaMA-Adapter's tanh of a per-head parameter, or PEFT
+    # AdaptionPrompt's plain value of one parameter per layer (formats/peft.py).
+    gate_fn: str = "tanh"  # "tanh" | "identity"
+    gate_per_head: bool = True
+
+    def __post_init__(self) -> None:
+        if self.gate_fn not in GATE_FUNCTIONS:
+            raise ValueError(f"unknown gate function {self.gate_fn!r}; choose one of {', '.join(GATE_FUNCTIONS)}")
 
     @property
     def prompted_layers(self) -> tuple[int, ...]:
@@ -145,6 +181,12 @@ class ModelConfig:
                 "a layer that gets both an adaption prompt and the visual tokens adds them, so prompt_len "
                 f"({a.prompt_len}) must equal the number of visual queries ({self.resampler.n_queries})"
             )
+
+    @property
+    def has_vision(self) -> bool:
+        """Whether the model has CLIP and the resampler: exactly when some layer gets visual tokens.
+        Without them (``clip`` and ``resampler`` then describe nothing that is built) it is text-only."""
+        return bool(self.adapter.visual_layers)
 
     def with_llama(self, llama: LlamaConfig) -> "ModelConfig":
         """Same preset on another LLaMA shape (e.g. from params.json); layer sets are re-derived."""

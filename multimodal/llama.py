@@ -6,12 +6,14 @@ whose output is scaled by a zero-initialised gate and added before ``wo``.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .adapter import AdaptedLinear, PromptGate, PromptKV
-from .config import AdapterConfig, LlamaConfig
+from .config import AdapterConfig, LlamaConfig, RopeScaling
 from .packing import linear
 
 
@@ -29,9 +31,21 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_table(head_dim: int, n_positions: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
+def scale_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
+    """Llama 3.1's scaling: low frequencies (long wavelengths) divided by ``factor``, high ones kept,
+    a linear blend in wavelength-ratio between the two bands."""
+    wavelen = 2 * math.pi / inv_freq
+    ratio = s.original_max_position_embeddings / wavelen  # periods that fit in the original context
+    blend = ((ratio - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)).clamp(0.0, 1.0)
+    return (1 - blend) * inv_freq / s.factor + blend * inv_freq
+
+
+def rope_table(head_dim: int, n_positions: int, theta: float, device: torch.device | None = None,
+               scaling: RopeScaling | None = None) -> torch.Tensor:
     """cos/sin of every (position, frequency) pair, fp32: [n_positions, head_dim // 2, 2]."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = scale_frequencies(inv_freq, scaling)
     angles = torch.outer(torch.arange(n_positions, device=device, dtype=torch.float32), inv_freq)
     return torch.stack([angles.cos(), angles.sin()], dim=-1)
 
@@ -184,7 +198,8 @@ class Transformer(nn.Module):
     def reset_rope(self) -> None:
         """(Re)compute the RoPE table on the model's device, e.g. after building on the meta device."""
         device = self.tok_embeddings.weight.device
-        self.rope = rope_table(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device)
+        self.rope = rope_table(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device,
+                               self.config.rope_scaling)
 
     def setup_cache(self, batch: int = 1, max_seq_len: int | None = None) -> None:
         """Allocate each layer's KV cache (model dtype and device); decoding then costs one token's work."""

