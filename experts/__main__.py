@@ -1,6 +1,6 @@
 """`python -m experts IMAGE`: print what each expert says about an image, and the prompt block.
 
-Runs detection and OCR (caption needs a loaded language model, which this command does not load;
+Runs detection, image classification and OCR (caption needs a loaded language model, which this command does not load;
 it is listed as unavailable with the reason). Never downloads anything.
 """
 from __future__ import annotations
@@ -10,7 +10,8 @@ import json
 import sys
 from pathlib import Path
 
-from . import CaptionExpert, DetectionConfig, DetectionExpert, EasyOCRBackend, ExpertRunner, OCRExpert
+from . import (CaptionExpert, ClassificationConfig, ClassificationExpert, DetectionConfig, DetectionExpert,
+               EasyOCRBackend, ExpertRunner, OCRExpert)
 from .context import build_context, rough_token_count
 
 CLI_CAPTION_REASON = ("no language model is loaded by this command; captions come from the app's model "
@@ -20,11 +21,14 @@ CLI_CAPTION_REASON = ("no language model is loaded by this command; captions com
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m experts", description=__doc__.splitlines()[0])
     p.add_argument("image", type=Path, help="image file (jpg, png, ...)")
-    p.add_argument("--experts", default="caption,detection,ocr",
+    p.add_argument("--experts", default="caption,detection,classification,ocr",
                    help="comma-separated experts to run (default: %(default)s)")
     p.add_argument("--detector", type=Path, default=None,
                    help="YOLO weights (.pt or exported .onnx); default: the weights folder's yolov8n")
     p.add_argument("--conf", type=float, default=DetectionConfig.conf, help="detection confidence threshold")
+    p.add_argument("--top-k", type=int, default=ClassificationConfig.top_k, help="classification: labels listed")
+    p.add_argument("--threshold", type=float, default=ClassificationConfig.threshold,
+                   help="classification: lowest probability listed")
     p.add_argument("--ocr-backend", choices=("auto", "easyocr", "rapidocr"), default="auto")
     p.add_argument("--easyocr-dir", type=Path, default=None,
                    help="folder with craft_mlt_25k.pth and english_g2.pth; default: the weights folder")
@@ -41,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     experts = [
         CaptionExpert(None, CLI_CAPTION_REASON),
         DetectionExpert(args.detector, DetectionConfig(conf=args.conf)),
+        ClassificationExpert(config=ClassificationConfig(top_k=args.top_k, threshold=args.threshold)),
         OCRExpert(args.ocr_backend, easyocr=EasyOCRBackend(args.easyocr_dir)),
     ]
     with ExpertRunner(experts) as runner:

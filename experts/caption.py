@@ -30,10 +30,15 @@ class CaptionExpert(Expert):
         *,
         model_id: str = "default",
         max_chars: int = 300,
+        source: str | None = None,
     ) -> None:
-        """`model_id` names the model+adapter so the cache never serves another model's caption."""
+        """`model_id` names the model+adapter so the cache never serves another model's caption.
+        `source`, when given, is written before every caption, in the context and on the panel
+        ("Caption (demo captioner (toy world)): ..."), so neither the model nor the user takes a
+        limited captioner's words as fact about a photo."""
         super().__init__()
         self._captioner = captioner
+        self.source = source
         self._reason = unavailable_reason or NO_CAPTIONER
         self.model_id = model_id
         self.max_chars = max_chars
@@ -42,7 +47,7 @@ class CaptionExpert(Expert):
         return None if self._captioner is not None else self._reason
 
     def settings(self) -> Mapping[str, Any]:
-        return {"model_id": self.model_id, "max_chars": self.max_chars}
+        return {"model_id": self.model_id, "max_chars": self.max_chars, "source": self.source}
 
     def _run(self, image: Image.Image) -> Output:
         assert self._captioner is not None  # checked by Expert.run
@@ -54,4 +59,6 @@ class CaptionExpert(Expert):
             raise ValueError("captioner returned an empty caption")
         if len(text) > self.max_chars:
             text = text[: self.max_chars].rsplit(" ", 1)[0] + "..."
+        if self.source:
+            return Output(context=f"Caption ({self.source}): {text}", data={"caption": f"[{self.source}] {text}"})
         return Output(context=f"Caption: {text}", data={"caption": text})
