@@ -20,11 +20,11 @@ from experts import ExpertRunner
 from multimodal.generate import Engine
 from multimodal.options import ModelOptions, add_model_args, demo_available, demo_dir, options_from_args
 
-from .chat import AppConfig, ChatApp
-from .ui import build_demo
+from .chat import TOY_CAPTIONER, AppConfig, ChatApp
+from .ui import build_demo, page_assets
 
 log = logging.getLogger("app")
-EXPERTS = ("caption", "ocr", "detection")
+EXPERTS = ("caption", "ocr", "detection", "classification")
 
 
 def parse_auth(value: str | None, auth_file: str | None) -> list[tuple[str, str]] | None:
@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=env("MM_HOST", "127.0.0.1"), help="0.0.0.0 serves your network (env MM_HOST)")
     s.add_argument("--port", type=int, default=int(env("MM_PORT", "7860")), help="env MM_PORT")
     s.add_argument("--share", action="store_true", default=env("MM_SHARE") == "1",
-                   help="also ask Gradio for a public link (needs internet; env MM_SHARE=1)")
+                   help="also ask Gradio for a public link that anyone can open (opt-in; needs internet; "
+                        "env MM_SHARE=1)")
     s.add_argument("--auth", default=env("MM_AUTH"), help="require a login, user:password (env MM_AUTH)")
     s.add_argument("--auth-file", default=env("MM_AUTH_FILE"), help="file of user:password lines (env MM_AUTH_FILE)")
     s.add_argument("--concurrency", type=int, default=int(env("MM_CONCURRENCY", "2")),
@@ -136,7 +137,9 @@ def build_experts(engine: Engine | None, options: ModelOptions, args: argparse.N
     from experts import default_experts
 
     captioner, reason, model_id = None, None, "none"
-    if engine is not None:
+    if engine is not None and not engine.sees_images:
+        reason = "the loaded model does not see images, so it cannot write captions"
+    elif engine is not None:
         from multimodal.swap import AdapterSwap, Captioner
 
         swap, model_id = None, f"{options.model}:{options.adapter}:main-model-caption"
@@ -150,8 +153,9 @@ def build_experts(engine: Engine | None, options: ModelOptions, args: argparse.N
         captioner = Captioner(engine, swap)
     else:
         reason = "no model is loaded, so there is no captioner"
+    toy = engine is not None and engine.card is not None and engine.card.toy_captions
     all_experts = default_experts(captioner=captioner, caption_unavailable_reason=reason, detector_path=args.detector,
-                                  ocr_backend=args.ocr_backend)
+                                  ocr_backend=args.ocr_backend, caption_source=TOY_CAPTIONER if toy else None)
     for ex in all_experts:
         if ex.name == "caption":
             ex.model_id = model_id  # type: ignore[attr-defined]
@@ -164,9 +168,9 @@ def launch(demo: gr.Blocks, app: ChatApp, share: bool, **kwargs: Any) -> str | N
     out = io.StringIO()
     try:
         with contextlib.redirect_stdout(out):
-            demo.launch(share=share, prevent_thread_lock=True, show_error=True, **kwargs)
+            demo.launch(share=share, prevent_thread_lock=True, show_error=True, **page_assets(), **kwargs)
     finally:
-        sys.stdout.write(out.getvalue())
+        sys.stdout.write(_our_flags(out.getvalue()))
     if share and not demo.share_url:
         reason = next((ln.strip() for ln in out.getvalue().splitlines() if "share link" in ln), "")
         reason = reason.replace("Could not create share link.", "").strip() or "Gradio's share server could not be reached"
@@ -175,6 +179,32 @@ def launch(demo: gr.Blocks, app: ChatApp, share: bool, **kwargs: Any) -> str | N
         app.notices.append(note)
         log.warning(note)
     return demo.share_url
+
+
+def _our_flags(console: str) -> str:
+    """Gradio's start-up text speaks of its Python API; users of this app start it with flags."""
+    return "\n".join("To create a public link, restart with --share (or MM_SHARE=1)."
+                     if "share=True" in line else line for line in console.split("\n"))
+
+
+def build_app(args: argparse.Namespace, experts_on: list[str] | None = None) -> ChatApp:
+    """The app as `python -m app` serves it (model, experts, settings) from parsed arguments; also what
+    scripts use to ask questions through the page's own code path (scripts/eval_photos.py)."""
+    on = parse_experts(args.experts_on) if experts_on is None else experts_on
+    options = keep_lora_swappable(args, options_from_args(args))
+    engine, load_error = load_engine(options)
+    if load_error:
+        log.warning("serving without a model: %s", load_error)
+    else:
+        if engine.card is not None:
+            log.info("%s", engine.card.line())
+        if options.compile:
+            log.info("compiling the decoding step (--compile), so that the first answer does not wait for it...")
+            log.info("compiled in %.0f s", engine.warm_up())
+    config = AppConfig(default_experts=tuple(on), context_tokens=args.context_tokens,
+                       default_max_new_tokens=args.max_new_tokens, max_waiting=args.queue_size,
+                       log_dir=Path(args.log_chats) if args.log_chats else None)
+    return ChatApp(engine, load_error, build_experts(engine, options, args), config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,17 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         parser.error(str(e))
 
-    options = keep_lora_swappable(args, options_from_args(args))
-    engine, load_error = load_engine(options)
-    if load_error:
-        log.warning("serving without a model: %s", load_error)
-    elif options.compile:
-        log.info("compiling the decoding step (--compile), so that the first answer does not wait for it...")
-        log.info("compiled in %.0f s", engine.warm_up())
-    config = AppConfig(default_experts=tuple(on), context_tokens=args.context_tokens,
-                       default_max_new_tokens=args.max_new_tokens,
-                       log_dir=Path(args.log_chats) if args.log_chats else None)
-    app = ChatApp(engine, load_error, build_experts(engine, options, args), config)
+    app = build_app(args, on)
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
     launch(demo, app, args.share, server_name=args.host, server_port=args.port, auth=auth,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
@@ -28,6 +29,7 @@ import torch
 from PIL import Image
 
 from experts import ExpertResult, ExpertRunner, build_context, image_digest
+from multimodal.card import ModelCard
 from multimodal.generate import Engine, GenerationStats, PromptTooLongError, SamplingParams
 from multimodal.image import ImageError, open_image
 
@@ -36,15 +38,29 @@ from .state import ChatSession, Turn
 
 log = logging.getLogger("app")
 
-EXPERT_LABELS = {"caption": "Caption", "ocr": "OCR (text in the image)", "detection": "Object detection"}
+EXPERT_LABELS = {"caption": "Caption", "ocr": "OCR (text in the image)", "detection": "Object detection",
+                 "classification": "Image class (ImageNet)"}
 OOM_MESSAGE = "out of memory: try a shorter question, fewer max new tokens or a smaller dtype (--dtype bfloat16)"
+NO_IMAGE_NOTE = "No image attached: the question is answered from its text alone."
+TOY_CAPTIONER = "demo captioner (toy world)"
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.:/])(?:/[^\s/'\"`()<>:,]+)+/([^\s/'\"`()<>:,]+)")
+_BUSY_WINDOW_S = 600.0  # an armed request not started within this long is taken as abandoned
+
+
+def scrub_paths(text: str) -> str:
+    """Replace each absolute server path in a message with its last part: users and API clients learn
+    which file, never where the server keeps it (/tmp/gradio/<hash>/photo.png -> photo.png)."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
 
 
 class ChatError(gr.Error):
-    """A problem to show the user; the server carries on."""
+    """A problem to show the user; the server carries on. Logged as one line (it is the user's
+    input, not the server's fault: no traceback), with any server path taken out of the message."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, duration=None)
+        message = scrub_paths(message)
+        super().__init__(message, duration=None, print_exception=False)
+        log.info("user error: %s", message.splitlines()[0] if message else "")
 
 
 @dataclass
@@ -54,8 +70,9 @@ class AppConfig:
     max_question_chars: int = 2000
     default_max_new_tokens: int = 256  # the slider's starting value
     context_tokens: int | None = None  # expert context budget; None: a quarter of the context length
-    default_experts: tuple[str, ...] = ("caption", "ocr", "detection")
+    default_experts: tuple[str, ...] = ("caption", "ocr", "detection", "classification")
     log_dir: Path | None = None  # None: no chat or image is written anywhere
+    max_waiting: int | None = None  # more armed requests than this: "busy" (the server's queue size)
 
 
 @dataclass
@@ -78,6 +95,8 @@ class ChatApp:
         self.config = config or AppConfig()
         self.notices: list[str] = []  # server-wide lines for the page (e.g. why there is no share link)
         self._cancel: dict[str, threading.Event] = {}
+        self._armed: dict[str, float] = {}  # session key -> when its request was armed (busy check)
+        self._upload_lock = threading.Lock()
         self._log_lock = threading.Lock()
 
     # -- what is available ----------------------------------------------------------------
@@ -104,6 +123,10 @@ class ChatApp:
             raise ChatError(f"No model is loaded. {self.load_error or ''}".strip())
         return self.engine
 
+    @property
+    def card(self) -> ModelCard | None:
+        return self.engine.card if self.engine is not None else None
+
     # -- image and experts ------------------------------------------------------------------
 
     @staticmethod
@@ -119,11 +142,24 @@ class ChatApp:
         return image, name
 
     def new_image(self, session: ChatSession, upload: str | Path | Image.Image | None,
-                  selected: list[str] | None) -> ExpertView:
-        """Make the upload the session's current image and run the selected experts on it."""
+                  selected: list[str] | None) -> ExpertView | None:
+        """Make the upload the session's current image and run the selected experts on it. None when
+        it is the image the session already has (e.g. the page putting it back after a rejected
+        upload): nothing to redo, and the page keeps what it shows."""
         image, name = self.open_upload(upload)
-        session.set_image(image, image_digest(image) if image is not None else None, name)
+        if not session.set_image(image, image_digest(image) if image is not None else None, name):
+            return None
         return self.run_experts(session, selected)
+
+    def claim_upload(self, session: ChatSession, upload: str) -> bool:
+        """Whether this upload event is the first for its file: Gradio fires the image box's change
+        event twice, milliseconds apart and on two threads, for a file it cannot display, and each
+        would warn. The same file again later changes nothing either (same pixels)."""
+        with self._upload_lock:
+            if upload == session.last_upload:
+                return False
+            session.last_upload = upload
+            return True
 
     def run_experts(self, session: ChatSession, selected: list[str] | None) -> ExpertView:
         """Selected experts on the current image (cached by image hash), and the context they make."""
@@ -170,10 +206,35 @@ class ChatApp:
         if len(question) > self.config.max_question_chars:
             raise ChatError(f"The question is {len(question)} characters long; the limit is "
                             f"{self.config.max_question_chars}. Please shorten it.")
-        self._cancel[key] = threading.Event()
+        self._check_busy(session)
+        self._arm(key)
         turn = Turn(question=question, image_no=session.image_no)
         session.timeline.append(turn)
+        session.requested = turn
         return turn
+
+    def _check_busy(self, session: ChatSession) -> None:
+        if self.pending(session) is not None:
+            raise ChatError("The answer is still being written; wait for it or press Stop first.")
+        limit = self.config.max_waiting
+        if limit is None:
+            return
+        now = time.monotonic()
+        waiting = sum(1 for t in list(self._armed.values()) if now - t < _BUSY_WINDOW_S)
+        if waiting >= limit:
+            raise ChatError(f"The server is busy: {waiting} questions are waiting for the model. "
+                            "Please try again in a minute.")
+
+    def _arm(self, key: str) -> None:
+        """A fresh Stop flag for this session's next request, armed before it waits in the queue."""
+        self._cancel[key] = threading.Event()
+        self._armed[key] = time.monotonic()
+
+    def take_request(self, session: ChatSession) -> Turn | None:
+        """The turn that `prepare`/`prepare_regenerate` just accepted, once: the queued answering step
+        runs after every Ask click, also after a rejected one, and must then do nothing at all."""
+        turn, session.requested = session.requested, None
+        return turn if turn is not None and turn is self.pending(session) else None
 
     def prepare_regenerate(self, session: ChatSession, key: str) -> Turn:
         """Forget the last answer and arm a new request for the same question."""
@@ -185,8 +246,10 @@ class ChatApp:
             raise ChatError("The answer is still being written; stop it first.")
         if turn.image_no != session.image_no:
             raise ChatError("The image has changed since that answer; ask the question again instead.")
+        self._check_busy(session)
         turn.answer, turn.footer, turn.done = "", "", False
-        self._cancel[key] = threading.Event()
+        self._arm(key)
+        session.requested = turn
         return turn
 
     def stop(self, key: str) -> bool:
@@ -224,6 +287,7 @@ class ChatApp:
                 session.timeline.remove(turn)
             raise
         finally:
+            self._armed.pop(key, None)
             if self._cancel.get(key) is cancel:
                 self._cancel.pop(key, None)
 
@@ -239,10 +303,10 @@ class ChatApp:
             params = SamplingParams(int(max_new_tokens), float(temperature), float(top_p))
         except ValueError as e:
             raise ChatError(f"Sampling settings: {e}.") from None
-        context, used = self._context(session, selected, context_text)
+        context, used, problems = self._context(session, selected, context_text)
         plan = self.plan(session, turn.question, context, params.max_new_tokens)
         session.last_prompt, session.last_context = plan.prompt, context
-        status_bits = [b for b in (plan.dropped_note(), self.expert_problems(session)) if b]
+        status_bits = [b for b in (plan.dropped_note(), problems, NO_IMAGE_NOTE if session.image is None else "") if b]
         yield ("Writing… " + " · ".join(status_bits)).strip()
 
         stats = GenerationStats()
@@ -250,7 +314,7 @@ class ChatApp:
         try:
             # The engine caches the image's visual prompts by pixel hash (computed once per image, under
             # its lock) and reuses the keys/values of a prompt prefix it has already seen.
-            for piece in engine.stream(plan.prompt, session.image, params, cancel, stats):
+            for piece in engine.stream(plan.ids, session.image, params, cancel, stats):
                 turn.answer += piece
                 yield "Writing…"
         except PromptTooLongError as e:
@@ -265,32 +329,41 @@ class ChatApp:
             log.exception("generation failed")
             raise ChatError(f"Generation failed: {type(e).__name__}: {e}") from None
         turn.done = True
-        turn.footer = self.footer(stats, time.perf_counter() - start, used, plan)
+        turn.footer = self.footer(stats, time.perf_counter() - start, used, plan, self.card,
+                                  no_image=session.image is None)
         self._log_turn(session, turn)
         yield " · ".join(["Stopped." if stats.stop_reason == "cancelled" else "Done."] + status_bits)
 
-    def _context(self, session: ChatSession, selected: list[str] | None, box: str | None) -> tuple[str, list[str]]:
-        """The expert context for this turn and the names of the experts it came from."""
+    def _context(self, session: ChatSession, selected: list[str] | None,
+                 box: str | None) -> tuple[str, list[str], str]:
+        """The expert context for this turn, the names of the experts it came from, and the problems
+        of this turn's expert runs (so a failure is reported for the answer it affected, not after)."""
         if box is not None and box.strip() and box not in session.auto_contexts:
-            return box, ["edited context"]
+            return box, ["edited context"], ""
         if session.image is None or not selected:
-            return "", []
+            return "", [], ""
         view = self.run_experts(session, selected)
         used = [r.name for r in view.results if r.ok and f"[{r.name}]" in view.context]
-        return view.context, used
+        return view.context, used, self.expert_problems(session)
 
     def plan(self, session: ChatSession, question: str, context: str, max_new_tokens: int) -> PromptPlan:
         engine = self.require_engine()
         try:
-            return assemble(question, session.history(), context, engine.tokenizer.count, engine.max_seq_len,
+            return assemble(question, session.history(), context, engine.prompt_format, engine.max_seq_len,
                             max_new_tokens)
         except PromptBudgetError as e:
             raise ChatError(str(e)) from None
 
     @staticmethod
-    def footer(stats: GenerationStats, latency: float, experts: list[str], plan: PromptPlan) -> str:
-        bits = [f"{latency:.1f} s", f"first token {stats.first_token_s:.2f} s", f"{stats.tokens_per_s:.1f} tokens/s",
-                f"{stats.new_tokens} tokens", "experts: " + (", ".join(experts) if experts else "none")]
+    def footer(stats: GenerationStats, latency: float, experts: list[str], plan: PromptPlan,
+               card: ModelCard | None = None, no_image: bool = False) -> str:
+        n = stats.new_tokens
+        bits = [f"{latency:.1f} s", f"first token {stats.first_token_s:.2f} s", f"{n} token{'s' if n != 1 else ''}"]
+        if stats.tokens_per_s > 0:  # decode speed; an answer of one token and no end token has none
+            bits.append(f"{stats.tokens_per_s:.1f} tokens/s")
+        if card is not None:
+            bits.append(f"model: {card.short}")
+        bits.append("no image" if no_image else "experts: " + (", ".join(experts) if experts else "none"))
         if stats.stop_reason == "cancelled":
             bits.append("stopped")
         if plan.dropped_note():
@@ -303,7 +376,7 @@ class ChatApp:
             return ""
         context = context_text or ""
         try:
-            plan = assemble(question or "?", session.history(), context, self.count, self.engine.max_seq_len,
+            plan = assemble(question or "", session.history(), context, self.engine.prompt_format, self.engine.max_seq_len,
                             int(max_new_tokens))
         except PromptBudgetError as e:
             return f"**Context budget:** over the limit. {e}"
@@ -323,7 +396,7 @@ class ChatApp:
         (the prompt that was sent, the updated history, timing). Errors raise ChatError."""
         key = key or f"api-{uuid.uuid4().hex}"
         session = ChatSession()
-        self.new_image(session, image, experts)
+        self.new_image(session, image, experts)  # a fresh session: always a change
         for q, a in _pairs(history):
             session.timeline.append(Turn(question=q, answer=a, image_no=session.image_no, done=True))
         turn = self.prepare(session, key, message)

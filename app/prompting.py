@@ -1,13 +1,15 @@
-"""Multi-turn prompts for single-turn-trained checkpoints, within the model's context length.
+"""Multi-turn prompts within the model's context length, in the form the loaded base wants.
 
-The released LLaMA-Adapter V2 checkpoints saw one instruction (and optionally an ``### Input:``
-section) per example, so a conversation is folded into that shape by `multimodal.prompt.format_chat`:
+The form is a `multimodal.prompt.PromptFormat`: a base with a chat template (SmolLM2, Llama 2/3 chat)
+gets its own template (system turn, earlier turns as messages, expert context in the user turn); the
+released LLaMA-Adapter V2 checkpoints, which saw one instruction (and optionally an ``### Input:``
+section) per example, get the conversation folded into that shape by `multimodal.prompt.format_chat`:
 expert context and earlier turns go into the Input section, the current question is the instruction.
 
 The image never costs sequence positions: its visual tokens enter every layer's attention as prompt
 keys/values, not as text, so it is always sent. What competes for the context length is text:
 
-    bos + prompt (template + expert context + history + question) + room for the answer <= max_seq_len
+    prompt (template + expert context + history + question, with bos) + room for the answer <= max_seq_len
 
 Rules, in order: the answer's room is `max_new_tokens`; if even the question and the expert context
 do not fit with that room, the room shrinks down to `MIN_ANSWER_TOKENS` (and the plan says so); if
@@ -21,7 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from multimodal.prompt import format_chat
+from multimodal.prompt import PromptFormat
 
 TokenCounter = Callable[[str], int]
 MIN_ANSWER_TOKENS = 16
@@ -35,7 +37,8 @@ class PromptBudgetError(ValueError):
 class PromptPlan:
     """The prompt to send and an account of the budget, for the page's indicator."""
 
-    prompt: str
+    prompt: str  # as text, for people (the API returns it)
+    ids: list[int]  # what the model is given
     prompt_tokens: int  # including bos
     max_seq_len: int
     answer_room: int  # new tokens the answer may use (<= the requested max_new_tokens)
@@ -70,18 +73,16 @@ class PromptPlan:
                 f"answer room {self.answer_room}")
 
 
-def assemble(question: str, history: list[tuple[str, str]], context: str | None, count: TokenCounter,
+def assemble(question: str, history: list[tuple[str, str]], context: str | None, fmt: PromptFormat,
              max_seq_len: int, max_new_tokens: int) -> PromptPlan:
-    """Build the prompt for `question`, keeping as many of the most recent `history` turns as fit.
-
-    `count` counts tokens without bos (`Tokenizer.count`); one token is added for bos.
-    """
+    """Build the prompt for `question`, keeping as many of the most recent `history` turns as fit."""
     question = question.strip()
     context = (context or "").strip() or None
-    q_tokens, c_tokens = count(question), (count(context) if context else 0)
+    count = fmt.count
+    q_tokens, c_tokens = (count(question) if question else 0), (count(context) if context else 0)
 
     def size(turns: list[tuple[str, str]]) -> int:
-        return count(format_chat(question, turns, context)) + 1
+        return len(fmt.ids(question, turns, context))
 
     essential = size([])
     room = min(max_new_tokens, max_seq_len - essential)
@@ -99,9 +100,9 @@ def assemble(question: str, history: list[tuple[str, str]], context: str | None,
             break
         kept_from = start
     kept = history[kept_from:]
-    prompt = format_chat(question, kept, context)
-    total = count(prompt) + 1
-    return PromptPlan(prompt=prompt, prompt_tokens=total, max_seq_len=max_seq_len, answer_room=room,
+    ids = fmt.ids(question, kept, context)
+    total = len(ids)
+    return PromptPlan(prompt=fmt.text(question, kept, context), ids=ids, prompt_tokens=total, max_seq_len=max_seq_len, answer_room=room,
                       requested_new_tokens=max_new_tokens, question_tokens=q_tokens, context_tokens=c_tokens,
                       history_tokens=total - essential if kept else 0, history_kept=list(kept),
                       dropped_turns=kept_from)

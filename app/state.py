@@ -53,6 +53,8 @@ class ChatSession:
     auto_contexts: set[str] = field(default_factory=lambda: {""})  # context texts the experts produced
     last_prompt: str = ""  # the last prompt sent to the model (the API returns it)
     last_context: str = ""  # the expert context it carried
+    requested: Turn | None = None  # the turn an accepted Ask/Regenerate handed to the answering step
+    last_upload: str | None = None  # the file of the last upload event handled (its event can come twice)
 
     # -- the conversation --------------------------------------------------------------------
 
@@ -102,7 +104,7 @@ class ChatSession:
         """The chat as Gradio "messages" (role/content dicts)."""
         out: list[dict[str, Any]] = []
         for item in self.timeline:
-            if isinstance(item, Notice):
+            if isinstance(item, Notice):  # its own row (the chatbot does not group consecutive messages)
                 out.append({"role": "assistant", "content": f"🖼️ *{item.text}*"})
                 continue
             out.append({"role": "user", "content": item.question})

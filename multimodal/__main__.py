@@ -7,7 +7,6 @@ import sys
 from .generate import Engine, GenerationStats, PromptTooLongError, SamplingParams
 from .image import ImageError, open_image
 from .options import add_model_args, options_from_args
-from .prompt import format_prompt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -15,7 +14,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("question", help="what to ask about the image")
     parser.add_argument("--image", help="image file (omit to ask without one)")
     parser.add_argument("--context", help="extra context for the prompt's Input section (e.g. OCR text)")
-    parser.add_argument("--raw", action="store_true", help="send the question as it is, without the instruction template")
+    parser.add_argument("--raw", action="store_true", help="send the question as it is, without the base's chat or "
+                                                          "instruction template")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--temperature", type=float, default=0.1, help="0 for greedy")
     parser.add_argument("--top-p", type=float, default=0.75)
@@ -27,14 +27,19 @@ def main(argv: list[str] | None = None) -> int:
         params = SamplingParams(args.max_new_tokens, args.temperature, args.top_p, args.seed)
         image = open_image(args.image) if args.image else None
         options = options_from_args(args)
-        loaded = options.load()
+        loaded, card = options.load_with_card()
     except (ImageError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    prompt = args.question if args.raw else format_prompt(args.question, args.context)
+    print(card.line(), file=sys.stderr)
+    engine = Engine(loaded, compile=options.compile, card=card)
+    if image is not None and not engine.sees_images:
+        print("note: this model has no visual encoder, so it does not see the image; the app's experts "
+              "(python -m app) describe an image to it", file=sys.stderr)
+    prompt = args.question if args.raw else engine.prompt_format.ids(args.question, context=args.context)
     stats = GenerationStats()
     try:
-        for piece in Engine(loaded, compile=options.compile).stream(prompt, image, params, stats=stats):
+        for piece in engine.stream(prompt, image, params, stats=stats):
             print(piece, end="", flush=True)
     except PromptTooLongError as e:
         print(f"error: {e}", file=sys.stderr)

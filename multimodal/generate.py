@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 
 from .adapter import PromptKV
+from .card import ModelCard
 from .loading import LoadedModel
+from .prompt import prompt_format
 from .tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
@@ -53,9 +55,17 @@ class GenerationStats:
     reused_tokens: int = 0  # prompt tokens whose keys/values were already cached (not prefilled again)
 
     @property
+    def decode_steps(self) -> int:
+        """Decoding steps after the first token: one per further token, plus the step that produced
+        the end-of-answer token (decoded like any other, though not part of the answer)."""
+        return max(0, self.new_tokens - 1) + (1 if self.stop_reason == "eos" and self.new_tokens else 0)
+
+    @property
     def tokens_per_s(self) -> float:
+        """Decoding speed: steps after the first token over the time they took (the first token's
+        time is prefill, reported as first_token_s). 0.0 only when no step was decoded."""
         decode_s = self.total_s - self.first_token_s
-        return (self.new_tokens - 1) / decode_s if self.new_tokens > 1 and decode_s > 0 else 0.0
+        return self.decode_steps / decode_s if self.decode_steps and decode_s > 0 else 0.0
 
 
 class PromptTooLongError(ValueError):
@@ -141,11 +151,13 @@ class TokenReader:
 class Engine:
     """One loaded model serving requests one at a time (a lock guards the shared KV cache)."""
 
-    def __init__(self, loaded: LoadedModel, image_cache_size: int = 8, compile: bool = False) -> None:
+    def __init__(self, loaded: LoadedModel, image_cache_size: int = 8, compile: bool = False,
+                 card: ModelCard | None = None) -> None:
         """``compile`` runs each decoding step through ``torch.compile`` (fullgraph, fixed shapes:
         :meth:`Transformer.step`), as CUDA graphs on a GPU ("reduce-overhead"). The first answer pays
         the compilation (tens of seconds); later steps skip Python and per-kernel launch overhead."""
         self.loaded = loaded
+        self.card = card  # which model this is, in words (the page's banner and answer footers)
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self._lock = threading.Lock()
@@ -158,10 +170,17 @@ class Engine:
         self._kv_adapter: object = None
         self.overlap_decode: bool | None = None  # None: queue the next step before reading an id on CUDA only
         self._step = compile_step(self.model.llama) if compile else None
+        self.prompt_format = prompt_format(self.tokenizer, visual=self.sees_images)
 
     @property
     def max_seq_len(self) -> int:
         return self.model.config.llama.max_seq_len
+
+    @property
+    def sees_images(self) -> bool:
+        """Whether the model itself sees an image (visual tokens). A text-only model is given none: in
+        the app the image still reaches the experts, whose findings are its view of the picture."""
+        return self.model.has_vision
 
     def forget(self) -> None:
         """Drop cached image prompts and the KV-reuse state, e.g. after changing the model's weights."""
@@ -184,8 +203,9 @@ class Engine:
         start = time.perf_counter()
         device = self.model.device
         with self._lock, torch.inference_mode():  # inputs made here are inference tensors, as a request's are
-            token = torch.tensor([[self.tokenizer.bos_id]], device=device)
-            for image in (Image.new("RGB", (64, 64), (127, 127, 127)), None):
+            token = torch.tensor([[self.tokenizer.eos_id]], device=device)  # any real id (some bases have no bos)
+            images = (Image.new("RGB", (64, 64), (127, 127, 127)), None) if self.sees_images else (None,)
+            for image in images:
                 prompts = self._image_prompts(image, None)
                 for i in range(calls):
                     self._step(token, torch.tensor([i], device=device), prompts)
@@ -206,6 +226,8 @@ class Engine:
     @torch.inference_mode()
     def _image_prompts(self, image: Image.Image | None, adapter: object) -> list[PromptKV | None]:
         """As image_prompts, for the adapter in place; the caller holds the lock."""
+        if not self.sees_images:
+            image = None
         key = (image_key(image) if image is not None else "", adapter)  # the key keeps the adapter alive
         cached = self._image_cache.get(key)
         if cached is not None:
@@ -223,7 +245,7 @@ class Engine:
                adapter: "AdapterSwap | None" = None) -> Iterator[str]:
         """Yield text pieces as tokens are decoded. ``prompts`` may carry precomputed image prompts
         (for the adapter in use); ``adapter`` swaps another adapter in for this request only."""
-        ids = self.tokenizer.encode(prompt, bos=True) if isinstance(prompt, str) else list(prompt)
+        ids = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos) if isinstance(prompt, str) else list(prompt)
         room = self.max_seq_len - len(ids)
         if room < 1:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the model's context holds {self.max_seq_len}")
@@ -275,6 +297,7 @@ class Engine:
             return out
 
         reader = TokenReader(device, self.overlap_decode)
+        stop_ids = self.tokenizer.stop_ids  # eos and every end-of-turn token of the base
         stats.stop_reason = "length"
         for step in range(max_new):
             if cancel is not None and cancel.is_set():
@@ -291,7 +314,7 @@ class Engine:
             token_id = reader.read()
             if step == 0:
                 stats.first_token_s = time.perf_counter() - start
-            if token_id == self.tokenizer.eos_id:
+            if token_id in stop_ids:
                 stats.stop_reason = "eos"
                 break
             stats.new_tokens += 1

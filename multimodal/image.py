@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision import transforms
 
 from .config import ClipVisionConfig
@@ -15,7 +15,12 @@ MAX_PIXELS = 40_000_000  # about 6300 x 6300; larger uploads are refused before 
 
 
 class ImageError(ValueError):
-    """An image that cannot be used, with a message fit to show a user."""
+    """An image that cannot be used, with a message fit to show a user (a file's name, never its path:
+    the path is the server's business)."""
+
+
+def _name(source: str | os.PathLike | bytes) -> str:
+    return Path(source).name if not isinstance(source, bytes) else "(uploaded bytes)"
 
 
 def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -30,11 +35,14 @@ def open_image(source: str | os.PathLike | bytes | Image.Image, max_pixels: int 
         try:
             img = Image.open(io.BytesIO(source) if isinstance(source, bytes) else Path(source))
         except FileNotFoundError:
-            raise ImageError(f"image file not found: {source}") from None
+            raise ImageError(f"image file not found: {_name(source)}") from None
         except Image.DecompressionBombError:
             raise ImageError("image is too large to decode safely") from None
+        except UnidentifiedImageError:
+            raise ImageError(f"{_name(source)} is not an image that can be read (not a known image format)") from None
         except Exception as e:  # noqa: BLE001 - decoders raise many types; all mean "unreadable"
-            raise ImageError(f"this file is not an image that can be read ({type(e).__name__}: {e})") from None
+            detail = str(e).replace(str(source), _name(source)) if not isinstance(source, bytes) else str(e)
+            raise ImageError(f"this file is not an image that can be read ({type(e).__name__}: {detail})") from None
     w, h = img.size
     if w * h > max_pixels:
         raise ImageError(f"image is {w}x{h} pixels; the limit is {max_pixels / 1e6:.0f} megapixels")

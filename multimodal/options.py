@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from weights.choice import DEMO_FILES  # noqa: F401 (the demo's file list, for callers of this module)
+
+from .card import ModelCard, custom_card, demo_card, official_card, smollm2_card
 from .config import PRESETS
 from .loading import LoadedModel, load_model
 
@@ -14,27 +17,29 @@ if TYPE_CHECKING:
     from .generate import Engine
 
 
-DEMO_FILES = ("params.json", "consolidated.00.pth", "tokenizer.model", "clip.pt", "adapter.pth")
-
-
 def demo_dir(weights_root: str | os.PathLike | None = None) -> Path:
     """The project's own small demo model, committed under weights/demo/ (preset "demo")."""
-    from weights import weights_dir
+    from weights.choice import demo_dir as folder
 
-    return weights_dir(weights_root) / "demo"
+    return folder(weights_root)
 
 
 def demo_available(weights_root: str | os.PathLike | None = None) -> bool:
-    return all((demo_dir(weights_root) / f).is_file() for f in DEMO_FILES)
+    from weights.choice import demo_missing
+
+    return not demo_missing(weights_root)
+
+
+MODELS = ("auto", "official", "smollm2", "demo")
 
 
 @dataclass
 class ModelOptions:
     weights_dir: str | None = None  # None: $MM_WEIGHTS_DIR or <repo>/weights
-    model: str = "auto"  # "official" (LLaMA-7B + released adapter), "demo", or "auto": official if present, else demo
-    adapter: str | None = "llama-adapter-bias-7b"  # manifest name or a file path; "none" for the bare LLaMA
+    model: str = "auto"  # see MODELS
+    adapter: str | None = None  # manifest name, .pth file or PEFT folder; "none"; None: the model's default
     preset: str = "official-7b"
-    llama_dir: str | None = None  # explicit paths override the weights folder
+    llama_dir: str | None = None  # a base of your own: Meta or Hugging Face folder, or a .gguf file
     tokenizer: str | None = None
     clip: str | None = None
     device: str | None = None  # None: cuda, then mps, then cpu
@@ -46,37 +51,83 @@ class ModelOptions:
     merge_lora: bool = True  # fold LoRA into the frozen weights at load (then no LoRA adapter can be swapped in)
 
     def engine(self) -> Engine:
-        """Load the model and wrap it in an Engine with these options."""
+        """Load the model and wrap it in an Engine with these options; ``engine.card`` says which it is."""
         from .generate import Engine
 
-        return Engine(self.load(), compile=self.compile)
+        loaded, card = self.load_with_card()
+        return Engine(loaded, compile=self.compile, card=card)
 
     def load(self) -> LoadedModel:
-        """Resolve every path (through the weights manifest unless given) and load the model.
-        A missing file raises weights.MissingWeightError naming it and the command that fetches it."""
-        from weights import MissingWeightError, require
+        return self.load_with_card()[0]
 
-        if self.model == "demo":
-            return self.load_demo()
-        if self.model == "auto" and not self.llama_dir:
-            try:
-                require("llama-7b", self.weights_dir)
-            except MissingWeightError:
-                if demo_available(self.weights_dir):
-                    return self.load_demo()
-                raise
-        llama_dir = Path(self.llama_dir) if self.llama_dir else require("llama-7b", self.weights_dir)
-        tokenizer = Path(self.tokenizer) if self.tokenizer else _beside(llama_dir, "tokenizer.model")
-        clip = Path(self.clip) if self.clip else require("clip-vit-l-14", self.weights_dir)
-        if self.adapter in (None, "", "none"):
-            adapter = None
-        elif Path(self.adapter).suffix in (".pth", ".pt"):
-            adapter = Path(self.adapter)
+    def choice(self) -> str:
+        """Which model ``load`` would load now: "demo", "official", "smollm2" or "custom" (a base path)."""
+        from weights.choice import auto_choice
+
+        if self.model in ("demo", "smollm2"):
+            return self.model
+        if self.llama_dir:
+            return "custom"
+        return auto_choice(self.weights_dir).model if self.model == "auto" else "official"
+
+    def load_with_card(self) -> tuple[LoadedModel, ModelCard]:
+        """Resolve every path (through the weights manifest unless given) and load the model.
+        A missing file raises weights.MissingWeightError naming it and the command that gets it."""
+        from weights.choice import official_base
+        from weights.packaged import require_packaged
+
+        choice = self.choice()
+        if choice == "demo":
+            return self.load_demo(), demo_card()
+        if choice == "smollm2":
+            base = require_packaged("smollm2-135m-instruct")
         else:
-            adapter = require(self.adapter, self.weights_dir)
-        return load_model(llama_dir, tokenizer, clip, adapter, preset=self.preset, device=self.device,
-                          dtype=self.dtype, max_seq_len=self.max_seq_len, bgr=self.bgr, quantize=self.quantize,
-                          pack=self._pack, merge_lora=self.merge_lora)
+            base = Path(self.llama_dir) if self.llama_dir else official_base(self.weights_dir)
+        adapter, adapter_name = self._adapter(default="llama-adapter-bias-7b" if choice == "official" else None)
+        clip = self._clip(adapter)
+        loaded = load_model(base, self.tokenizer, clip, adapter, preset=self.preset, device=self.device,
+                            dtype=self.dtype, max_seq_len=self.max_seq_len or self._default_context(choice),
+                            bgr=self.bgr, quantize=self.quantize, pack=self._pack, merge_lora=self.merge_lora)
+        if choice == "official":
+            card = official_card(adapter_name)
+        elif choice == "smollm2":
+            card = smollm2_card(adapter_name)
+        else:
+            card = custom_card(base.name, adapter_name)
+        return loaded, card
+
+    def _adapter(self, default: str | None) -> tuple[Path | None, str | None]:
+        """The adapter (a file or PEFT folder as given, a weights-manifest name, or none) and its name
+        for people."""
+        from weights import require
+
+        name = self.adapter if self.adapter is not None else default
+        if name in (None, "", "none"):
+            return None, None
+        path = Path(name)
+        if path.suffix in (".pth", ".pt") or path.is_dir():
+            if not path.exists():
+                raise FileNotFoundError(f"adapter not found: {path}")
+            return path, path.name
+        return require(name, self.weights_dir), name
+
+    def _clip(self, adapter: Path | None) -> Path | None:
+        """The CLIP file, asked of the weights folder only when the adapter has a visual part."""
+        from weights import require
+
+        from .checkpoint import read_adapter
+
+        if self.clip:
+            return Path(self.clip)
+        if adapter is None or adapter.is_dir() or not read_adapter(adapter).has_resampler:
+            return None  # a text-only model (PEFT adapters have no visual part)
+        return require("clip-vit-l-14", self.weights_dir)
+
+    @staticmethod
+    def _default_context(choice: str) -> int | None:
+        """Chat bases get room for a conversation with expert context; the released 7B checkpoints keep
+        the 512 tokens they were trained with (LlamaConfig's default)."""
+        return 2048 if choice in ("smollm2", "custom") else None
 
     @property
     def _pack(self) -> bool | None:
@@ -85,7 +136,9 @@ class ModelOptions:
 
     def load_demo(self) -> LoadedModel:
         d = demo_dir(self.weights_dir)
-        missing = [f for f in DEMO_FILES if not (d / f).is_file()]
+        from weights.choice import demo_missing
+
+        missing = demo_missing(self.weights_dir)
         if missing:
             raise FileNotFoundError(f"the demo model is incomplete: {', '.join(str(d / f) for f in missing)} missing "
                                     "(see weights/demo/README.md for the command that trains it)")
@@ -94,30 +147,33 @@ class ModelOptions:
                           quantize=self.quantize, pack=self._pack, merge_lora=self.merge_lora)
 
 
-def _beside(llama_dir: Path, name: str) -> Path:
-    """Meta's layout keeps tokenizer.model in the parent of the 7B folder; the weights folder keeps it inside."""
-    inside = llama_dir / name
-    return inside if inside.exists() or not (llama_dir.parent / name).exists() else llama_dir.parent / name
-
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     env = os.environ.get
     g = parser.add_argument_group("model")
     g.add_argument("--weights-dir", default=env("MM_WEIGHTS_DIR"), help="weights folder (env MM_WEIGHTS_DIR)")
-    g.add_argument("--model", default=env("MM_MODEL", "auto"), choices=["auto", "official", "demo"],
-                   help="official LLaMA-7B + adapter, the project's small demo model, or auto: official when its "
-                        "weights are present, else the demo (env MM_MODEL)")
-    g.add_argument("--adapter", default=env("MM_ADAPTER", "llama-adapter-bias-7b"),
-                   help="adapter: a weights-manifest name, a .pth file, or 'none' (env MM_ADAPTER)")
+    g.add_argument("--model", default=env("MM_MODEL", "auto"), choices=MODELS,
+                   help="official: LLaMA-7B + a released adapter; smollm2: SmolLM2-135M-Instruct from its package "
+                        "(a small chat model that reads the experts); demo: the project's toy-world model; auto: "
+                        "official when its weights are present, else the demo. --llama-dir runs a base of your "
+                        "own (env MM_MODEL)")
+    g.add_argument("--adapter", default=env("MM_ADAPTER"),
+                   help="adapter: a weights-manifest name, an official-format .pth file, a PEFT AdaptionPrompt folder, "
+                        "or 'none' (default: llama-adapter-bias-7b for the official model, none for other bases; "
+                        "env MM_ADAPTER)")
     g.add_argument("--preset", default=env("MM_PRESET", "official-7b"), choices=PRESETS, help="model layout (env MM_PRESET)")
-    g.add_argument("--llama-dir", default=env("MM_LLAMA_DIR"), help="Meta LLaMA folder with params.json and consolidated.*.pth")
-    g.add_argument("--tokenizer", default=env("MM_TOKENIZER"), help="tokenizer.model (default: beside the LLaMA weights)")
+    g.add_argument("--llama-dir", "--base", dest="llama_dir", default=env("MM_LLAMA_DIR"),
+                   help="a LLaMA-family base of your own: Meta's folder (params.json, consolidated.*.pth), a Hugging "
+                        "Face folder (config.json, *.safetensors or *.bin), or a .gguf file (env MM_LLAMA_DIR)")
+    g.add_argument("--tokenizer", default=env("MM_TOKENIZER"),
+                   help="Meta's tokenizer.model when it is neither in nor beside the Meta folder (Hugging Face folders "
+                        "and GGUF files carry their own)")
     g.add_argument("--clip", default=env("MM_CLIP"), help="OpenAI CLIP file (ViT-L-14.pt)")
     g.add_argument("--device", default=env("MM_DEVICE"), choices=["cpu", "cuda", "mps"], help="default: cuda, mps, else cpu")
     g.add_argument("--dtype", default=env("MM_DTYPE"), choices=["float32", "bfloat16", "float16"],
                    help="default: float32 on cpu, bfloat16 (or float16) on gpu. On a CPU with avx512_bf16 or AMX, "
                         "bfloat16 halves the memory and decodes faster (weights prepacked for oneDNN) (env MM_DTYPE)")
-    g.add_argument("--max-seq-len", type=int, default=None, help="prompt + answer tokens (default 512)")
+    g.add_argument("--max-seq-len", type=int, default=None,
+                   help="prompt + answer tokens (default: 512 for the released 7B adapters, 2048 for chat bases)")
     g.add_argument("--quantize", default=env("MM_QUANTIZE"), choices=["int8"],
                    help="weight-only int8 language model (torchao): LLaMA-7B in about 7 GB (env MM_QUANTIZE)")
     g.add_argument("--compile", action="store_true", default=env("MM_COMPILE") == "1",

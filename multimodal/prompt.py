@@ -35,3 +35,78 @@ def format_chat(question: str, history: list[tuple[str, str]] | tuple = (), cont
     parts.append("Conversation so far:\n" + "\n".join(f"User: {q.strip()}\nAssistant: {a.strip()}" for q, a in history))
     joined = "\n\n".join(parts)
     return f"{_PREAMBLE_INPUT}\n\n### Input:\n{joined}\n\n### Instruction:\n{question}\n\n### Response:"
+
+
+# --- one interface over the two ways a base wants its prompt ----------------------------------------
+
+# The system turn for chat bases: it tells the model how it sees the image, so that it answers from the
+# experts' findings instead of claiming it cannot see pictures.
+SYSTEM_EXPERTS = ("You are a helpful assistant that answers questions about an image. You do not see the image "
+                  "itself: tools have looked at it, and their findings are given with the question. Answer from "
+                  "those findings, briefly. If they do not answer the question, say so.")
+SYSTEM_VISUAL = ("You are a helpful assistant that answers questions about an image. You see the image, and "
+                 "tools' findings about it are given with the question. Answer briefly.")
+
+
+class PromptFormat:
+    """How a conversation becomes token ids for one base: ``ids`` for the model, ``text`` to show."""
+
+    def text(self, question: str, history: list[tuple[str, str]] | tuple = (), context: str | None = None) -> str:
+        raise NotImplementedError
+
+    def ids(self, question: str, history: list[tuple[str, str]] | tuple = (), context: str | None = None) -> list[int]:
+        raise NotImplementedError
+
+    def count(self, text: str) -> int:
+        raise NotImplementedError
+
+
+class AlpacaFormat(PromptFormat):
+    """The released LLaMA-1 adapters' (and the demo model's) instruction template, via format_chat."""
+
+    def __init__(self, tokenizer: "TokenizerBase") -> None:  # noqa: F821
+        self.tokenizer = tokenizer
+
+    def text(self, question, history=(), context=None) -> str:
+        return format_chat(question, list(history), context)
+
+    def ids(self, question, history=(), context=None) -> list[int]:
+        return self.tokenizer.encode(self.text(question, history, context), bos=self.tokenizer.add_bos)
+
+    def count(self, text: str) -> int:
+        return self.tokenizer.count(text)
+
+
+class ChatTemplateFormat(PromptFormat):
+    """The base's own chat template (ChatML for SmolLM2, Llama 2/3's, ...): a system turn, the earlier
+    turns as user/assistant messages, and the expert context in the user turn, before the question."""
+
+    def __init__(self, tokenizer: "TokenizerBase", system: str | None = SYSTEM_EXPERTS) -> None:  # noqa: F821
+        if tokenizer.chat_template is None:
+            raise ValueError("this base has no chat template")
+        self.tokenizer, self.system = tokenizer, system
+
+    def messages(self, question: str, history=(), context: str | None = None) -> list[dict[str, str]]:
+        out = [{"role": "system", "content": self.system}] if self.system else []
+        for q, a in history:
+            out += [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
+        question = question.strip()
+        user = f"Findings about the image:\n{context.strip()}\n\nQuestion: {question}" if context else question
+        return out + [{"role": "user", "content": user}]
+
+    def text(self, question, history=(), context=None) -> str:
+        return self.tokenizer.render_chat(self.messages(question, history, context))
+
+    def ids(self, question, history=(), context=None) -> list[int]:
+        return self.tokenizer.encode_chat(self.messages(question, history, context))
+
+    def count(self, text: str) -> int:
+        return self.tokenizer.count(text)
+
+
+def prompt_format(tokenizer: "TokenizerBase", visual: bool = False) -> PromptFormat:  # noqa: F821
+    """The base's chat template when it has one, else the Alpaca template. ``visual``: the model also
+    sees the image through visual tokens (its system turn says so)."""
+    if tokenizer.chat_template is not None:
+        return ChatTemplateFormat(tokenizer, SYSTEM_VISUAL if visual else SYSTEM_EXPERTS)
+    return AlpacaFormat(tokenizer)

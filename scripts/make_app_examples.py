@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import sys
+
 from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 OUT = Path(__file__).resolve().parents[1] / "app" / "examples"
 
@@ -48,9 +52,30 @@ def receipt() -> Image.Image:
     return im
 
 
+# The demo model's examples: toy-world scenes at the 64 px it was trained on (the page shows them
+# scaled up, pixelated). Each is one seeded draw of the world with the asked attribute pinned.
+TOY_SCENES = {
+    "red_circle_left": {"colour": "red", "shape": "circle", "position": "left"},
+    "three_blue_squares": {"colour": "blue", "shape": "square", "count": "three"},
+    "green_triangle_top": {"colour": "green", "shape": "triangle", "position": "top"},
+    "purple_diamond": {"colour": "purple", "shape": "diamond", "position": "centre"},
+}
+
+
+def toy(fix: dict[str, str], seed: int = 0) -> Image.Image:
+    import random
+
+    from multimodal.toyworld import render, sample_scene
+
+    return render(sample_scene(random.Random(seed), fix=fix), size=64)
+
+
 if __name__ == "__main__":
-    OUT.mkdir(parents=True, exist_ok=True)
-    for name, draw in (("shapes", shapes), ("street_sign", street_sign), ("receipt", receipt)):
-        path = OUT / f"{name}.png"
-        draw().save(path, optimize=True)
+    (OUT / "toy").mkdir(parents=True, exist_ok=True)
+    drawn = [(f"{name}.png", draw()) for name, draw in (("shapes", shapes), ("street_sign", street_sign),
+                                                        ("receipt", receipt))]
+    drawn += [(f"toy/{name}.png", toy(fix)) for name, fix in TOY_SCENES.items()]
+    for name, image in drawn:
+        path = OUT / name
+        image.save(path, optimize=True)
         print(path, path.stat().st_size, "bytes")

@@ -119,12 +119,12 @@ def no_network() -> Iterator[list[object]]:
 @contextlib.contextmanager
 def serve_app(app: object) -> Iterator[str]:
     """The chat page for ``app`` (an app.chat.ChatApp) on 127.0.0.1 at a free port; yields its URL."""
-    from app.ui import build_demo
+    from app.ui import build_demo, page_assets
 
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=2)
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                            run_history=False)
+                            run_history=False, **page_assets())
     try:
         yield url
     finally:

@@ -19,8 +19,10 @@ from app.__main__ import build_parser, launch, load_engine, parse_auth, parse_ex
 from multimodal.options import options_from_args
 from app.chat import AppConfig, ChatApp, ChatError
 from app.prompting import PromptBudgetError, assemble
+from multimodal.prompt import AlpacaFormat
 from app.state import ChatSession, Notice
-from app.ui import EXAMPLES, EXAMPLES_DIR, build_demo
+from app.page_examples import PHOTO_EXAMPLES, TOY_EXAMPLES
+from app.ui import build_demo
 from conftest import serve_app, fixture_path
 from experts import Expert, ExpertRunner, Output
 from multimodal.config import build_preset
@@ -93,12 +95,27 @@ def words(text: str) -> int:
     return len(text.split())
 
 
+class WordTokens:
+    """A stand-in tokenizer for budget arithmetic: one token per word, bos first."""
+
+    add_bos, chat_template = True, None
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return [1] * (bos + words(text))
+
+    def count(self, text: str) -> int:
+        return words(text)
+
+
+WORDS = AlpacaFormat(WordTokens())  # type: ignore[arg-type]
+
+
 def test_assembly_drops_oldest_turns_first_and_says_so() -> None:
     history = [(f"question {i} " + "x " * 20, f"answer {i} " + "y " * 20) for i in range(6)]
-    full = assemble("Current?", history, "[ocr] SALE", words, 10_000, 50)
+    full = assemble("Current?", history, "[ocr] SALE", WORDS, 10_000, 50)
     assert full.dropped_turns == 0 and full.dropped_note() == "" and "question 0" in full.prompt
-    budget = words(assemble("Current?", history[-2:], "[ocr] SALE", words, 10_000, 50).prompt) + 1 + 50
-    plan = assemble("Current?", history, "[ocr] SALE", words, budget, 50)
+    budget = words(assemble("Current?", history[-2:], "[ocr] SALE", WORDS, 10_000, 50).prompt) + 1 + 50
+    plan = assemble("Current?", history, "[ocr] SALE", WORDS, budget, 50)
     assert plan.dropped_turns == 4 and plan.history_kept == history[-2:]
     assert "question 3" not in plan.prompt and "question 4" in plan.prompt and "question 5" in plan.prompt
     assert "Current?" in plan.prompt and "[ocr] SALE" in plan.prompt
@@ -107,12 +124,12 @@ def test_assembly_drops_oldest_turns_first_and_says_so() -> None:
 
 
 def test_assembly_never_cuts_question_or_context() -> None:
-    essentials = words(assemble("Q " * 30, [], "C " * 30, words, 10_000, 10).prompt) + 1
-    shortened = assemble("Q " * 30, [("old", "turn")], "C " * 30, words, essentials + 20, 64)
+    essentials = words(assemble("Q " * 30, [], "C " * 30, WORDS, 10_000, 10).prompt) + 1
+    shortened = assemble("Q " * 30, [("old", "turn")], "C " * 30, WORDS, essentials + 20, 64)
     assert shortened.answer_room == 20 and shortened.dropped_turns == 1
     assert "answer limited to 20 tokens (asked for 64)" in shortened.dropped_note()
     with pytest.raises(PromptBudgetError, match="question has 30 tokens and the expert context 30"):
-        assemble("Q " * 30, [], "C " * 30, words, essentials + 10, 64)
+        assemble("Q " * 30, [], "C " * 30, WORDS, essentials + 10, 64)
 
 
 # -- session state -------------------------------------------------------------------------------
@@ -156,7 +173,7 @@ def test_answer_streams_token_by_token_with_a_stats_line(chat: ChatApp, red: Pat
     growing = [s for s in snapshots if s]
     assert len(set(growing)) > 3 and all(b.startswith(a) for a, b in zip(growing, growing[1:]))
     footer = session.turns[0].footer
-    assert re.search(r"[\d.]+ s · first token [\d.]+ s · [\d.]+ tokens/s · \d+ tokens · experts: none", footer)
+    assert re.search(r"[\d.]+ s · first token [\d.]+ s · \d+ tokens · [\d.]+ tokens/s · experts: none", footer)
     assert "<sub>" in session.messages()[-1]["content"]
 
 
@@ -385,11 +402,13 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
 
 
 def test_examples_are_small_own_images() -> None:
-    for name, question in EXAMPLES:
-        path = EXAMPLES_DIR / name
-        assert path.stat().st_size < 100_000 and question.endswith("?")
-        with Image.open(path) as im:
+    for example in PHOTO_EXAMPLES:
+        assert example.path.stat().st_size < 100_000 and example.question.endswith("?")
+        with Image.open(example.path) as im:
             assert im.size[0] >= 224 and im.size[1] >= 224
+    for example in TOY_EXAMPLES:  # drawn at the demo model's own 64 px
+        with Image.open(example.path) as im:
+            assert im.size == (64, 64) and example.question.endswith("?")
 
 
 # -- a real server on localhost ---------------------------------------------------------------------

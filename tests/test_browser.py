@@ -168,3 +168,141 @@ def test_upload_ask_and_watch_the_answer_stream(browser, page_url: str) -> None:
 
     find(By.ID, "clear").click()
     wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, "#chat [data-testid=user]"))
+
+
+# -- the page as a newcomer meets it (rejections keep the chat, uploads say what is current) -----------
+
+
+def _text(driver, css: str) -> str:
+    return driver.execute_script(f"const e = document.querySelector({css!r}); return e ? e.innerText : '';")
+
+
+def _toasts(driver) -> list[str]:
+    return driver.execute_script(
+        "return [...document.querySelectorAll('[data-testid=toast-body]')].map(t => t.innerText.trim());")
+
+
+def _bot_messages(driver) -> list[str]:
+    return driver.execute_script("return [...document.querySelectorAll('#chat [data-testid=bot]')]"
+                                 ".map(b => b.innerText.trim());")
+
+
+def _set_question(driver, text: str) -> None:
+    """Type into the question box as the page sees it (an input event), without 20,000 key presses."""
+    driver.execute_script(
+        "const t = document.querySelector('#question textarea'); t.value = arguments[0];"
+        "t.dispatchEvent(new Event('input', {bubbles: true}));", text)
+
+
+def _upload(driver, path: Path) -> None:
+    from selenium.webdriver.common.by import By
+
+    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, "#image input[type=file]"))
+    driver.find_element(By.CSS_SELECTOR, "#image input[type=file]").send_keys(str(path))
+
+
+def _ask(driver, question: str) -> str:
+    """Ask and wait for the finished answer (its footer); returns the last bot message."""
+    from selenium.webdriver.common.by import By
+
+    wait_for(lambda: driver.execute_script("return !!document.querySelector('#question textarea')"))
+    done_before = sum("tokens/s" in m or " token ·" in m for m in _bot_messages(driver))
+    _set_question(driver, question)
+    driver.find_element(By.ID, "ask").click()
+    wait_for(lambda: sum("tokens/s" in m or " token ·" in m for m in _bot_messages(driver)) > done_before, timeout=90)
+    return _bot_messages(driver)[-1]
+
+
+def test_a_rejected_question_keeps_the_chat_and_says_why(browser, page_url: str) -> None:
+    driver = browser
+    driver.get(page_url)
+    _upload(driver, fixture_path("images/bus.jpg"))
+    wait_for(lambda: "Image: bus.jpg" in _text(driver, "#status"))
+    first = _ask(driver, "What is in this picture?")
+    budget = _text(driver, "#budget")
+    assert "Context budget" in budget
+
+    from selenium.webdriver.common.by import By
+
+    long_question = "why?" * 5000  # 20,000 characters
+    _set_question(driver, long_question)
+    driver.find_element(By.ID, "ask").click()
+    wait_for(lambda: "20000 characters long" in _text(driver, "#status"), timeout=30)
+    wait_for(lambda: any("20000 characters long" in t for t in _toasts(driver)), timeout=30)
+    time.sleep(1.0)  # the answering step that follows every click must not blank anything meanwhile
+    assert "What is in this picture?" in _text(driver, "#chat") and _bot_messages(driver)[-1] == first
+    assert driver.execute_script("return document.querySelector('#question textarea').value") == long_question
+    assert "Context budget" in _text(driver, "#budget") and "20000 characters long" in _text(driver, "#status")
+
+    _set_question(driver, "")
+    driver.find_element(By.ID, "ask").click()
+    wait_for(lambda: "Please type a question." in _text(driver, "#status"), timeout=30)
+    time.sleep(1.0)
+    assert _bot_messages(driver)[-1] == first
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(OUTPUT / "rejected_question.png"))
+
+
+def test_a_rejected_upload_puts_the_current_image_back(browser, page_url: str, tmp_path: Path) -> None:
+    from PIL import Image
+
+    driver = browser
+    driver.get(page_url)
+    _upload(driver, fixture_path("images/bus.jpg"))
+    wait_for(lambda: "Image: bus.jpg" in _text(driver, "#status"))
+    shown = "return (document.querySelector('#image img') || {}).naturalWidth || 0;"
+    wait_for(lambda: driver.execute_script(shown) == 810)
+
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(fixture_path("images/bus.jpg").read_bytes()[:5000])
+    huge = tmp_path / "huge.png"
+    Image.new("1", (12000, 12000)).save(huge)
+    for bad, message in ((truncated, "Truncated File Read"), (huge, "12000x12000 pixels")):
+        driver.execute_script("document.querySelectorAll('[data-testid=toast-close]').forEach(b => b.click())")
+        wait_for(lambda: not _toasts(driver), timeout=10)
+        _upload(driver, bad)
+        wait_for(lambda: message in _text(driver, "#status"), timeout=60)
+        wait_for(lambda: driver.execute_script(shown) == 810, timeout=30)  # the bus again, not the rejected file
+        time.sleep(1.5)
+        assert message in _text(driver, "#status")  # kept until the next action
+        toasts = _toasts(driver)
+        assert len(toasts) == 1 and toasts[0].count(message) == 1, toasts  # one warning per upload
+    answer = _ask(driver, "What is it?")
+    assert "experts: caption, ocr, detection" in answer  # answered about the bus, with its experts
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(OUTPUT / "rejected_upload.png"))
+
+
+def test_no_image_and_image_markers_on_their_own_rows(browser, page_url: str) -> None:
+    driver = browser
+    driver.get(page_url)
+    answer = _ask(driver, "What colour is the shape?")
+    assert "no image" in answer
+    assert "No image attached" in _text(driver, "#status")
+    _upload(driver, fixture_path("images/zidane.jpg"))
+    wait_for(lambda: any("New image: zidane.jpg" in m for m in _bot_messages(driver)))
+    messages = _bot_messages(driver)
+    marker = next(m for m in messages if "New image: zidane.jpg" in m)
+    assert "tokens/s" not in marker and " token" not in marker  # its own row, not under the answer's footer
+    assert messages[-2] == answer and messages[-1] == marker
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(OUTPUT / "markers.png"))
+
+
+def test_narrow_screen_shows_the_upload_first_and_small_images_pixelated(browser, page_url: str) -> None:
+    from app.page_examples import TOY_EXAMPLES
+
+    driver = browser
+    driver.set_window_size(420, 1200)
+    driver.get(page_url)
+    wait_for(lambda: driver.execute_script("return !!document.querySelector('#image')"))
+    top = "return document.querySelector(arguments[0]).getBoundingClientRect().top;"
+    assert driver.execute_script(top, "#image") < driver.execute_script(top, "#chat")
+    _upload(driver, TOY_EXAMPLES[0].path)
+    wait_for(lambda: driver.execute_script(
+        "const i = document.querySelector('#image img'); return i && i.naturalWidth === 64 && i.classList.contains('small-image');"))
+    width, rendering = driver.execute_script(
+        "const i = document.querySelector('#image img'); return [i.getBoundingClientRect().width, getComputedStyle(i).imageRendering];")
+    assert width >= 256 and rendering == "pixelated"
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    driver.save_screenshot(str(OUTPUT / "narrow.png"))

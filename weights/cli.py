@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
 from typing import IO, Sequence
 
+from .choice import DEMO_FILES, auto_choice, demo_dir, demo_missing
 from .fetch import FetchError, fetch_artifact
+from .hf_link import is_hf_folder, link_hf_llama1_7b
+from .packaged import PACKAGED
 from .link import LinkError, describe, link_artifact
 from .manifest import Artifact, Manifest, ManifestError, load_manifest
 from .store import (
@@ -77,6 +81,24 @@ def cmd_status(args: argparse.Namespace, manifest: Manifest, root: Path, out: IO
                 problems.append(f"  {display_path(c.path)}: {c.state.value}, {c.detail}")
         if state in (State.MISSING, State.CORRUPT):
             fixes.append(fix_command(art, root) + (" --force" if state is State.CORRUPT else ""))
+    if not args.names:  # the project's own demo model is not in the manifest: it ships in the repository
+        missing = demo_missing(root)
+        files = [demo_dir(root) / f for f in DEMO_FILES if f not in missing]
+        rows.append(["demo", "demo model (toy world)", "incomplete" if missing else "present",
+                     human_size(sum(f.stat().st_size for f in files)), display_path(demo_dir(root))])
+        if missing:
+            problems.append(f"  {display_path(demo_dir(root))}: missing {', '.join(missing)} "
+                            "(see weights/demo/README.md for the command that trains it)")
+    if not args.names:  # weights that packages from the registry carry (installed by the set-up)
+        for weight in PACKAGED:
+            path = weight.path()
+            rows.append([weight.name, weight.component, "present" if path else "missing",
+                         human_size(path.stat().st_size) if path else "(?)",
+                         f"package {weight.package}" if path else "-"])
+            if path is None:
+                fixes.append(weight.install)
+    choice = auto_choice(root)
+    print(f"the app would load: {choice.model} ({choice.reason})", file=out)
     print(f"weights folder: {display_path(root)}  (--dir or ${WEIGHTS_ENV} to change)", file=out)
     _table(rows, out)
     if problems:
@@ -133,6 +155,16 @@ def cmd_fetch(args: argparse.Namespace, manifest: Manifest, root: Path, out: IO[
 
 def cmd_link(args: argparse.Namespace, manifest: Manifest, root: Path, out: IO[str]) -> int:
     art = manifest.get(args.name)
+    if art.name == "llama-7b" and is_hf_folder(Path(args.path).expanduser()):  # a Hugging Face copy
+        try:
+            dest = link_hf_llama1_7b(args.path, root, force=args.force)
+        except LinkError as err:
+            print(f"error    {art.name}: {err}", file=sys.stderr)
+            return 1
+        print(f"{display_path(dest)} -> {os.readlink(dest)}", file=out)
+        print(f"linked {art.name} as a Hugging Face folder (its config and sizes are LLaMA-1 7B's; Hugging Face "
+              "copies have no published checksums); no files were copied", file=out)
+        return 0
     try:
         results = link_artifact(art, args.path, root, force=args.force, verify=not args.no_verify)
     except LinkError as err:

@@ -1,0 +1,57 @@
+"""What the loaded model is and what it can do, in words for people: the page's banner, the server's
+start-up line, the command line's stderr line and each answer's footer all read it from here, so they
+never disagree about which model answers."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LINK_COMMAND = "python -m weights link llama-7b /path/to/LLaMA"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str  # the model in full: "LLaMA-7B + llama-adapter-bias-7b"
+    short: str  # for answer footers: "demo (toy world)"
+    summary: str  # one sentence: what it can and cannot do
+    photos: bool  # whether it can answer questions about real photos (decides the page's examples)
+    toy_captions: bool = False  # its captioner only knows the toy world
+
+    def line(self) -> str:
+        """One line for logs and stderr: 'Model: <name>: <summary>'."""
+        return f"Model: {self.name}: {self.summary}"
+
+
+def demo_card() -> ModelCard:
+    return ModelCard(
+        name="the project's demo model (toy world)", short="demo (toy world)",
+        summary=("a tiny model trained on a toy world of coloured shapes: it answers colour, shape, count and "
+                 "position questions about such images, not about photos; link real weights for photos "
+                 f"(`{LINK_COMMAND}`)"),
+        photos=False, toy_captions=True)
+
+
+def official_card(adapter: str | None) -> ModelCard:
+    if adapter in (None, "", "none"):
+        return ModelCard(name="LLaMA-7B (no adapter)", short="LLaMA-7B",
+                         summary=("the bare language model: it continues text and does not see the image; "
+                                  "the experts' text is its only view of a photo"), photos=True)
+    return ModelCard(name=f"LLaMA-7B + {adapter}", short=f"LLaMA-7B + {adapter}",
+                     summary=("LLaMA-Adapter V2: answers questions about photos from CLIP's visual tokens and the "
+                              "experts' text; trained on single-turn English instructions, so long conversations "
+                              "and fine print are beyond it"), photos=True)
+
+
+def custom_card(base: str, adapter: str | None) -> ModelCard:
+    name = base + (f" + {adapter}" if adapter not in (None, "", "none") else "")
+    return ModelCard(name=name, short=name,
+                     summary="a model you chose; what it answers well depends on its weights and adapter",
+                     photos=True)
+
+
+def smollm2_card(adapter: str | None) -> ModelCard:
+    if adapter:
+        return custom_card("SmolLM2-135M-Instruct", adapter)
+    return ModelCard(name="SmolLM2-135M-Instruct", short="SmolLM2-135M",
+                     summary=("a small chat model (135M parameters) that does not see the image itself: it answers "
+                              "from the experts' findings (objects, text, image class), so it can count, read and "
+                              "name what they report, not describe what they miss"), photos=True)
