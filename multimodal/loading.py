@@ -1,9 +1,10 @@
 """Building the model from its weight files.
 
 The model is first built on the meta device (no memory), given its real storage once in the target
-dtype/device, and then each checkpoint tensor is copied in one at a time from the memory-mapped file,
-converting dtype on the way (fp16 -> bf16 directly, never through fp32). So a 7B model occupies its
-own storage once, and the file's pages stay reclaimable page cache.
+dtype/device, and then each checkpoint tensor is copied in one at a time from the reader's lazy mapping
+(multimodal/formats: Meta's files memory-mapped, Hugging Face shards read tensor by tensor, GGUF
+tensors dequantised one at a time), converting dtype on the way (fp16 -> bf16 directly, never through
+fp32). So a model occupies its own storage once, plus at most one tensor in flight.
 """
 from __future__ import annotations
 

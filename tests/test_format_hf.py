@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -141,6 +142,99 @@ def test_tokenizer_comes_with_the_folder(tmp_path: Path) -> None:
     tok = read_hf_folder(tmp_path).tokenizer
     assert isinstance(tok, HFTokenizer)
     assert tok.tok.token_to_id("<|im_end|>") in tok.stop_ids
+
+
+# --- reading weights without leaving the files mapped ---------------------------------------------------
+
+
+def mapped_files() -> set[Path]:
+    """Files this process has memory-mapped now: a mapped page that was read counts in RSS until the
+    mapping goes, which is what made a whole-model load peak at twice the weights."""
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        pytest.skip("needs /proc/self/maps (Linux) to see which files are mapped")
+    return {Path(line.split(maxsplit=5)[5].strip()) for line in maps.read_text().splitlines()
+            if len(line.split(maxsplit=5)) == 6}
+
+
+def read_all(files: BaseFiles) -> dict[str, torch.Tensor]:
+    return {k: files.weights[k] for k in files.weights}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tensors_are_read_into_their_own_memory(tmp_path: Path, layout: str) -> None:
+    """Every tensor held and the shards still open: no weight file is mapped, and each tensor owns
+    distinct memory (a second read of the same name is a new tensor)."""
+    model = hf_model("gqa")
+    save(model, tmp_path, layout)
+    files = read_hf_folder(tmp_path)
+    held = read_all(files)
+    weight_files = {f for f in tmp_path.iterdir() if f.suffix in (".safetensors", ".bin")}
+    assert not weight_files & mapped_files()
+    again = files.weights["tok_embeddings.weight"]
+    assert again.data_ptr() != held["tok_embeddings.weight"].data_ptr()
+    assert torch.equal(again, model.state_dict()["model.embed_tokens.weight"])
+    assert all(t.is_contiguous() for t in held.values())
+
+
+def test_bin_views_and_shared_storages_read_as_saved(tmp_path: Path) -> None:
+    """A .bin may hold strided views and tensors sharing one storage at an offset (torch.save keeps
+    views as views): each is read from its own bytes, and the model gives transformers' logits."""
+    model = hf_model("gqa")
+    save(model, tmp_path, "bin")
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    q = "model.layers.0.self_attn.q_proj.weight"
+    state[q] = state[q].t().contiguous().t()  # [64, 64] with strides (1, 64)
+    k, v = "model.layers.1.self_attn.k_proj.weight", "model.layers.1.self_attn.v_proj.weight"
+    kv = torch.cat([state[k], state[v]])  # [64, 64]: k's rows, then v's
+    state[k], state[v] = kv[:32], kv[32:]  # v starts 32 rows into the shared storage
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    files = read_hf_folder(tmp_path)
+    held = read_all(files)
+    assert torch.equal(held["layers.1.attention.wv.weight"], model.state_dict()[v])
+    tokens = torch.randint(0, 96, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_diff(our_model(files)(tokens), model(tokens).logits.float()) < 1e-5
+
+
+def test_bin_of_the_other_byte_order_goes_through_torch_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Raw reads cannot swap bytes: such a file (faked here) is read through torch.load's own mapping,
+    each tensor copied out of it."""
+    import multimodal.formats.hf as hf
+
+    monkeypatch.setattr(hf, "_byteorder", lambda path: "big" if sys.byteorder == "little" else "little")
+    model = hf_model("gqa")
+    save(model, tmp_path, "bin")
+    files = read_hf_folder(tmp_path)
+    held = read_all(files)
+    assert torch.equal(held["norm.weight"], model.state_dict()["model.norm.weight"])
+    assert held["norm.weight"].data_ptr() != files.weights["norm.weight"].data_ptr()  # copies, not the mapping
+    tokens = torch.randint(0, 96, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_diff(our_model(files)(tokens), model(tokens).logits.float()) < 1e-5
+
+
+def test_safetensors_without_the_pread_backend(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A safetensors without ``backend`` maps the file: each tensor is then copied out of a handle
+    opened for it alone, so no mapping outlives the read."""
+    import multimodal.formats.hf as hf
+    from safetensors import safe_open
+
+    def old_safe_open(*args: object, **kwargs: object) -> object:
+        if "backend" in kwargs:
+            raise TypeError("safe_open() got an unexpected keyword argument 'backend'")
+        return safe_open(*args, **kwargs)
+
+    monkeypatch.setattr(hf, "safe_open", old_safe_open)
+    model = hf_model("gqa")
+    save(model, tmp_path, "sharded")
+    files = read_hf_folder(tmp_path)
+    held = read_all(files)
+    assert not set(tmp_path.glob("*.safetensors")) & mapped_files()
+    assert torch.equal(held["layers.1.feed_forward.w2.weight"], model.state_dict()["model.layers.1.mlp.down_proj.weight"])
+    tokens = torch.randint(0, 96, (2, SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert rel_diff(our_model(files)(tokens), model(tokens).logits.float()) < 1e-5
 
 
 # --- bad folders -------------------------------------------------------------------------------------------

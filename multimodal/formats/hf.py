@@ -1,14 +1,16 @@
 """Hugging Face folders of LLaMA-family models: ``config.json``, safetensors or PyTorch ``.bin``
 weights (single or sharded), and the tokenizer files.
 
-Weights are served lazily in our names and RoPE layout: a tensor is read from its memory-mapped
-shard, converted and handed out only when the loader asks for it.
+Weights are served lazily in our names and RoPE layout: a tensor is read from its shard into memory
+of its own (the file is not left mapped), converted and handed out only when the loader asks for it.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
+import sys
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -113,21 +115,20 @@ def rotate_half_to_interleaved(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 class _Shard:
-    """One weight file, opened once: safetensors memory-mapped through ``safe_open``; a ``.bin``
-    through ``torch.load(mmap=True, weights_only=True)`` (tensors stay on disk until touched)."""
+    """One weight file whose tensors are read one at a time into fresh memory, never served from a
+    mapping of the file: every page a tensor is read from through a mapping stays in the process's
+    RSS until the mapping goes, so a loader reading whole memory-mapped shards peaked at twice the
+    weights' size (docs/performance.md, "Real bases"). Only the header (safetensors) or the pickle's
+    tensor metadata (``.bin``) is held; a tensor handed out owns its memory, and the model copies it
+    and drops it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
             if path.suffix == ".safetensors":
-                self._st = safe_open(str(path), framework="pt", device="cpu")
-                self._keys = list(self._st.keys())
-                self._bin: dict[str, torch.Tensor] | None = None
+                self._reader: _SafetensorsReader | _TorchZipReader = _SafetensorsReader(path)
             else:
-                self._bin = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-                if not isinstance(self._bin, dict):
-                    raise BaseFormatError(f"{path}: expected a state dict, found {type(self._bin).__name__}")
-                self._keys = list(self._bin)
+                self._reader = _TorchZipReader(path)
         except BaseFormatError:
             raise
         except FileNotFoundError:
@@ -136,12 +137,104 @@ class _Shard:
             raise BaseFormatError(f"{path}: cannot read the weights ({_one_line(e)})") from None
 
     def keys(self) -> list[str]:
+        return self._reader.keys()
+
+    def get(self, key: str) -> torch.Tensor:
+        try:
+            return self._reader.get(key)
+        except BaseFormatError:
+            raise
+        except Exception as e:  # a file changed or damaged since it was opened
+            raise BaseFormatError(f"{self.path}: cannot read {key} ({_one_line(e)})") from None
+
+
+class _SafetensorsReader:
+    """safetensors' ``pread`` backend (its ``backend`` argument; 0.8 here): each tensor is read with
+    pread(2) into a tensor of its own and the file is never mapped. (Its default ``mmap`` backend
+    hands out views of the mapped file.) A safetensors without that argument only maps: there each
+    tensor is read through a handle opened for it alone and copied out, so only that tensor's pages
+    are ever mapped, at the cost of one header parse per tensor."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        try:
+            self._file: Any = safe_open(self.path, framework="pt", device="cpu", backend="pread")
+        except TypeError:  # a safetensors without the backend argument
+            self._file = None
+            with safe_open(self.path, framework="pt", device="cpu") as f:
+                self._keys = list(f.keys())
+        else:
+            self._keys = list(self._file.keys())
+
+    def keys(self) -> list[str]:
         return self._keys
 
     def get(self, key: str) -> torch.Tensor:
-        if self._bin is not None:
-            return self._bin[key]
-        return self._st.get_tensor(key)
+        if self._file is not None:
+            return self._file.get_tensor(key)
+        with safe_open(self.path, framework="pt", device="cpu") as f:
+            return f.get_tensor(key).clone()  # [shape] copied out; the mapping goes with f and the view
+
+
+class _TorchZipReader:
+    """A ``torch.save`` zip file. ``torch.load(map_location="meta")`` unpickles the tensors' shapes,
+    strides and dtypes without their data, and records where each storage's bytes start in the file
+    (``_checkpoint_offset``: torch stores records uncompressed); each tensor is then read from there
+    into fresh memory. A torch that records no offsets, or a file saved on a machine of the other
+    byte order, gets the file memory-mapped once as before, each tensor copied out of the mapping
+    (its pages then stay mapped until the load ends)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        state = torch.load(path, map_location="meta", weights_only=True)
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise BaseFormatError(f"{path}: expected a state dict of tensors, found {type(state).__name__}")
+        self._meta: dict[str, torch.Tensor] = state
+        self._mapped: dict[str, torch.Tensor] | None = None
+        offsets = all(getattr(t.untyped_storage(), "_checkpoint_offset", None) is not None for t in state.values())
+        if not offsets or _byteorder(path) != sys.byteorder:  # torch.load swaps bytes; a plain read would not
+            self._mapped = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+
+    def keys(self) -> list[str]:
+        return list(self._meta)
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._mapped is not None:
+            return self._mapped[key].clone()
+        meta = self._meta[key]
+        storage = meta.untyped_storage()
+        start = storage._checkpoint_offset
+        if meta.is_contiguous():  # read just the tensor's own bytes, straight into its memory
+            out = torch.empty(meta.shape, dtype=meta.dtype)
+            _read_exact(self.path, start + meta.storage_offset() * meta.element_size(), out)
+            return out
+        # a strided view (e.g. a saved transpose): read its whole storage, then copy the view out
+        whole = torch.empty(storage.nbytes() // meta.element_size(), dtype=meta.dtype)
+        _read_exact(self.path, start, whole)
+        return whole.as_strided(meta.shape, meta.stride(), meta.storage_offset()).contiguous()
+
+
+def _byteorder(path: Path) -> str:
+    """The byte order a ``torch.save`` zip was written in (its ``byteorder`` record; files older than
+    the record are little-endian)."""
+    with zipfile.ZipFile(path) as z:
+        record = next((n for n in z.namelist() if n.endswith("/byteorder")), None)
+        return z.read(record).decode().strip() if record is not None else "little"
+
+
+def _read_exact(path: Path, offset: int, out: torch.Tensor) -> None:
+    """Fill the contiguous ``out`` with the file's bytes from ``offset``; a short file is an error."""
+    if out.numel() == 0:
+        return
+    view = memoryview(out.reshape(-1).view(torch.uint8).numpy())  # [bytes] of out's memory
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        done = 0
+        while done < len(view):  # one read returns at most ~2 GiB on Linux
+            n = f.readinto(view[done:])
+            if not n:
+                raise BaseFormatError(f"{path}: ends inside the data of a tensor at byte {offset}")
+            done += n
 
 
 class HFWeights(Mapping[str, torch.Tensor]):

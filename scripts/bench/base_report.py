@@ -103,7 +103,7 @@ def memory_section(mem: dict[str, Any]) -> list[str]:
         f"| ru_maxrss | {mib(ld['ru_maxrss_mib'])} |",
         f"| **peak over the baseline** | **{mib(over)}** ({ld['load_over_weights']:.2f}x the weights) |",
         f"| sampled peak, anonymous memory | {mib(ld['peak_anon_mib'])} |",
-        f"| sampled peak, file-backed pages (the mapped shards) | {mib(ld['peak_file_mib'])} |",
+        f"| sampled peak, file-backed pages | {mib(ld['peak_file_mib'])} |",
         f"| RSS after loading: anonymous / file-backed | {mib(ld['anon_after_mib'])} / {mib(ld['file_after_mib'])} |",
         "",
         f"Load time {ld['load_s']:.1f} s ({ld['packed_linears']} linear weights packed). Target ≤ {TARGET_MEMORY}x: "
