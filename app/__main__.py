@@ -21,6 +21,7 @@ from multimodal.generate import Engine
 from multimodal.options import ModelOptions, add_model_args, demo_available, demo_dir, options_from_args
 
 from .chat import TOY_CAPTIONER, AppConfig, ChatApp
+from .prompting import DEFAULT_STYLE, PROMPT_STYLES
 from .ui import build_demo, page_assets
 
 log = logging.getLogger("app")
@@ -81,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--caption-adapter", default=env("MM_CAPTION_ADAPTER", "llama-adapter-caption-7b"),
                    help="adapter for captions, swapped onto the loaded base: a manifest name, a .pth file, or none "
                         "(the main model is asked for a caption). Used when present (env MM_CAPTION_ADAPTER)")
+    e.add_argument("--prompt-style", default=env("MM_PROMPT_STYLE", DEFAULT_STYLE), choices=tuple(PROMPT_STYLES),
+                   help="how a chat base (SmolLM2, your own) is given the experts' findings; measured in "
+                        "docs/experts.md (env MM_PROMPT_STYLE)")
     e.add_argument("--context-tokens", type=int, default=None,
                    help="token budget of the expert context (default: a quarter of the model's context length)")
     add_model_args(p)
@@ -97,10 +101,12 @@ def load_engine(options: ModelOptions) -> tuple[Engine | None, str | None]:
         return None, ("Out of memory while loading the model: try --dtype bfloat16 (or float16), or --device cpu.")
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         message = str(e)
-        if options.model == "auto" and not options.llama_dir and not demo_available(options.weights_dir):
-            message += (f"\n\nOr use the project's small demo model, which needs no download: its files belong in "
-                        f"{demo_dir(options.weights_dir)} (see weights/demo/README.md for how it is made). "
-                        "Check what is present with `.venv/bin/python -m weights status`.")
+        if options.model in ("auto", "official") and not options.llama_dir:
+            message += ("\n\nWithout downloads: `--model smollm2` (SmolLM2-135M-Instruct from its package, a small "
+                        "chat model that reads the experts) or `--model demo` (the project's toy-world model")
+            message += ")." if demo_available(options.weights_dir) else (
+                f", whose files belong in {demo_dir(options.weights_dir)}; see weights/demo/README.md).")
+            message += " Check what is present with `.venv/bin/python -m weights status`."
         return None, message
 
 
@@ -203,6 +209,7 @@ def build_app(args: argparse.Namespace, experts_on: list[str] | None = None) -> 
             log.info("compiled in %.0f s", engine.warm_up())
     config = AppConfig(default_experts=tuple(on), context_tokens=args.context_tokens,
                        default_max_new_tokens=args.max_new_tokens, max_waiting=args.queue_size,
+                       prompt_style=args.prompt_style,
                        log_dir=Path(args.log_chats) if args.log_chats else None)
     return ChatApp(engine, load_error, build_experts(engine, options, args), config)
 

@@ -33,7 +33,7 @@ from multimodal.card import ModelCard
 from multimodal.generate import Engine, GenerationStats, PromptTooLongError, SamplingParams
 from multimodal.image import ImageError, open_image
 
-from .prompting import PromptBudgetError, PromptPlan, assemble
+from .prompting import DEFAULT_STYLE, PromptBudgetError, PromptPlan, assemble, prompting_for
 from .state import ChatSession, Turn
 
 log = logging.getLogger("app")
@@ -73,6 +73,7 @@ class AppConfig:
     default_experts: tuple[str, ...] = ("caption", "ocr", "detection", "classification")
     log_dir: Path | None = None  # None: no chat or image is written anywhere
     max_waiting: int | None = None  # more armed requests than this: "busy" (the server's queue size)
+    prompt_style: str = DEFAULT_STYLE  # how a chat base is told the experts' findings (app.prompting)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class ChatApp:
         self._cancel: dict[str, threading.Event] = {}
         self._armed: dict[str, float] = {}  # session key -> when its request was armed (busy check)
         self._upload_lock = threading.Lock()
+        self.prompting = prompting_for(engine.prompt_format, self.config.prompt_style) if engine is not None else None
         self._log_lock = threading.Lock()
 
     # -- what is available ----------------------------------------------------------------
@@ -349,7 +351,8 @@ class ChatApp:
     def plan(self, session: ChatSession, question: str, context: str, max_new_tokens: int) -> PromptPlan:
         engine = self.require_engine()
         try:
-            return assemble(question, session.history(), context, engine.prompt_format, engine.max_seq_len,
+            return assemble(question, session.history(), self.prompting.render(context), self.prompting.format,
+                            engine.max_seq_len,
                             max_new_tokens)
         except PromptBudgetError as e:
             raise ChatError(str(e)) from None
@@ -376,7 +379,8 @@ class ChatApp:
             return ""
         context = context_text or ""
         try:
-            plan = assemble(question or "", session.history(), context, self.engine.prompt_format, self.engine.max_seq_len,
+            plan = assemble(question or "", session.history(), self.prompting.render(context), self.prompting.format,
+                            self.engine.max_seq_len,
                             int(max_new_tokens))
         except PromptBudgetError as e:
             return f"**Context budget:** over the limit. {e}"

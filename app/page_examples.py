@@ -2,10 +2,14 @@
 answer and the answers that count as right (tests ask every shown example and check them).
 
 The demo model knows only its toy world, so it gets toy-world images (drawn by the project's own
-`multimodal.toyworld`); models that can read photos get the drawn photo-like images. All images are
-made by `scripts/make_app_examples.py`: the project's own work, under the project's licence."""
+`multimodal.toyworld`); models that can read photos get a drawn street sign and receipt and two real
+photos. The drawn images are made by `scripts/make_app_examples.py`: the project's own work, under the
+project's licence. The photos are scikit-image's sample data, installed with it (nothing is copied into
+this repository): `chelsea.png`, CC0 by its photographer (Stefan van der Walt), and `astronaut.png`
+(NASA, public domain), as scikit-image's `skimage.data` documents."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,12 +20,16 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 
 @dataclass(frozen=True)
 class Example:
-    file: str  # relative to EXAMPLES_DIR
+    file: str  # relative to EXAMPLES_DIR, or "skimage:NAME" for scikit-image's sample photos
     question: str
     answers: tuple[str, ...]  # a right answer contains one of these (case-insensitive)
 
     @property
     def path(self) -> Path:
+        if self.file.startswith("skimage:"):
+            spec = importlib.util.find_spec("skimage")
+            root = Path(list(spec.submodule_search_locations)[0]) if spec and spec.submodule_search_locations else None
+            return (root / "data" / self.file.removeprefix("skimage:")) if root else Path(self.file)
         return EXAMPLES_DIR / self.file
 
     def is_right(self, answer: str) -> bool:
@@ -29,10 +37,12 @@ class Example:
 
 
 PHOTO_EXAMPLES = (
-    Example("shapes.png", "What shapes and colours do you see?", ("circle", "square", "triangle")),
     Example("street_sign.png", "What does the sign say?", ("STOP",)),
     Example("receipt.png", "What is the total on this receipt?", ("9.75",)),
+    Example("skimage:chelsea.png", "What animal is this?", ("cat",)),
+    Example("skimage:astronaut.png", "How many people are in the photo?", ("1", "one")),
 )
+PHOTO_LICENCE = "drawn for this project, and photos from scikit-image's sample data (CC0, public domain)"
 # Toy-world scenes (see scripts/make_app_examples.py for each scene's attributes).
 TOY_EXAMPLES = (
     Example("toy/red_circle_left.png", "What colour is the shape?", ("red",)),

@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from multimodal.prompt import PromptFormat
+from experts.context import as_prose
+from multimodal.prompt import ChatTemplateFormat, PromptFormat
 
 TokenCounter = Callable[[str], int]
 MIN_ANSWER_TOKENS = 16
@@ -106,3 +107,45 @@ def assemble(question: str, history: list[tuple[str, str]], context: str | None,
                       requested_new_tokens=max_new_tokens, question_tokens=q_tokens, context_tokens=c_tokens,
                       history_tokens=total - essential if kept else 0, history_kept=list(kept),
                       dropped_turns=kept_from)
+
+
+# -- how a chat base is told about the image --------------------------------------------------------
+
+# A worked exchange shown before the conversation ("prose-example"): made up for this purpose (no
+# development-set image or question), in the same prose form as real findings.
+_EXAMPLE_FINDINGS = ('Objects detected: 3 people (1 left, 2 centre), 1 dog (bottom left).\n'
+                     'What the whole image looks like: beagle 0.41.\n'
+                     'Text written in the image: "CITY PARK", "OPEN 9-5".')
+EXAMPLES = ((_EXAMPLE_FINDINGS, "How many people are there?", "There are 3 people."),
+            (_EXAMPLE_FINDINGS, "Is there a cat in the picture?", "No. There is a dog, not a cat."),
+            (_EXAMPLE_FINDINGS, "What does the sign say?", 'The sign says "CITY PARK, OPEN 9-5".'))
+
+# style -> (context rendering, ChatTemplateFormat keywords). Scores of each on the real-photo
+# development set are in docs/experts.md; DEFAULT_STYLE is the best of them.
+PROMPT_STYLES: dict[str, tuple[Callable[[str], str], dict]] = {
+    "findings": (lambda c: c, {}),  # the tagged lines ("[ocr] ...") in the user turn
+    "system": (lambda c: c, {"context_in": "system"}),  # the tagged lines in the system turn
+    "prose": (as_prose, {}),  # one labelled sentence per expert, in the user turn
+    "prose-example": (as_prose, {"examples": EXAMPLES}),  # the same, after worked examples
+}
+DEFAULT_STYLE = "prose-example"
+
+
+@dataclass
+class Prompting:
+    """The prompt form for the loaded base and how expert context is written for it."""
+
+    format: PromptFormat
+    render: Callable[[str], str]
+
+
+def prompting_for(fmt: PromptFormat, style: str = DEFAULT_STYLE) -> Prompting:
+    """For a base with a chat template, the chosen style; the Alpaca template (released adapters, the
+    demo model) keeps the tagged lines its models were trained with."""
+    if not isinstance(fmt, ChatTemplateFormat):
+        return Prompting(fmt, lambda c: c)
+    try:
+        render, options = PROMPT_STYLES[style]
+    except KeyError:
+        raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}") from None
+    return Prompting(ChatTemplateFormat(fmt.tokenizer, fmt.system, **options), render)

@@ -25,7 +25,7 @@ from typing import Any
 import gradio as gr
 
 from .chat import EXPERT_LABELS, ChatApp, ChatError, scrub_paths
-from .page_examples import examples_for
+from .page_examples import PHOTO_LICENCE, examples_for
 from .state import ChatSession
 from .upload import RawImageUpload
 
@@ -109,8 +109,8 @@ def build_demo(app: ChatApp) -> gr.Blocks:
                     top_p = gr.Slider(0.05, 1.0, value=0.75, step=0.05, label="Top p")
                     max_new = gr.Slider(1, max_new_limit, value=min(app.config.default_max_new_tokens, max_new_limit), step=1, label="Max new tokens")
                 gr.Examples([[str(e.path), e.question] for e in examples], inputs=[image, question],
-                            label="Examples (made for this project)" + ("" if app.card is None or app.card.photos
-                                                                        else ": the demo model's toy world"))
+                            label="Examples: " + (PHOTO_LICENCE if app.card is None or app.card.photos
+                                                  else "the demo model's toy world, drawn for this project"))
         with gr.Accordion("Expert output and context", open=True):
             with gr.Row():
                 detection = gr.Image(label="Detection", type="pil", interactive=False, height=260)

@@ -97,3 +97,43 @@ def build_context(
     dropped = {n: totals[n] - c for n, c in kept.items() if c < totals[n]}
     included = {n: c for n, c in kept.items() if c}
     return ContextBlock(text, count_tokens(text) if text else 0, included, dropped, skipped)
+
+
+# What each expert's findings are, in words a language model reads easily (see as_prose).
+PROSE_LABELS = {
+    "caption": "Caption",
+    "detection": "Objects detected",
+    "classification": "What the whole image looks like",
+    "ocr": "Text written in the image",
+}
+_TAG = re.compile(r"^\[(\w+)\]\s*(.*)$")
+_LEAD = re.compile(r"^(Objects detected|Image class \([^)]*\)|Caption(?: \([^)]*\))?):\s*")
+
+
+def as_prose(block: str) -> str:
+    """The context block ("[name] line" lines) rewritten as one labelled sentence per expert: OCR lines
+    joined into one quoted list, each expert's own lead-in ("Objects detected:") replaced by its label.
+    Lines without a tag (an edited context) pass through unchanged."""
+    grouped: dict[str, list[str]] = {}
+    order: list[str] = []
+    for line in block.splitlines():
+        m = _TAG.match(line.strip())
+        name, text = (m[1], m[2]) if m else ("", line.strip())
+        if not text:
+            continue
+        if name not in grouped:
+            grouped[name], _ = [], order.append(name)
+        # the classifier's probabilities stay numbers: putting them in words ("most likely a street sign")
+        # measured worse on the development set (docs/experts.md), the small model repeated the phrase
+        grouped[name].append(_LEAD.sub("", text).rstrip("."))
+    out = []
+    for name in order:
+        found = [p for p in grouped[name] if not p.startswith("No ")]  # "No text found." stays a sentence
+        out += [p + "." for p in grouped[name] if p.startswith("No ")]
+        if not found:
+            continue
+        if not name or name not in PROSE_LABELS:
+            out += found
+        else:
+            out.append(f"{PROSE_LABELS[name]}: " + (", " if name == "ocr" else "; ").join(found) + ".")
+    return "\n".join(out)

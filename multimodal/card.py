@@ -41,16 +41,17 @@ def official_card(adapter: str | None) -> ModelCard:
                               "and fine print are beyond it"), photos=True)
 
 
-def custom_card(base: str, adapter: str | None) -> ModelCard:
+def custom_card(base: str, adapter: str | None, sees_images: bool = True) -> ModelCard:
     name = base + (f" + {adapter}" if adapter not in (None, "", "none") else "")
-    return ModelCard(name=name, short=name,
-                     summary="a model you chose; what it answers well depends on its weights and adapter",
-                     photos=True)
+    how = ("it sees the image and reads the experts' findings" if sees_images else
+           "it does not see the image itself and answers from the experts' findings")
+    return ModelCard(name=name, short=name, photos=True,
+                     summary=f"a base you chose: {how}; how well depends on its weights and adapter")
 
 
 def smollm2_card(adapter: str | None) -> ModelCard:
     if adapter:
-        return custom_card("SmolLM2-135M-Instruct", adapter)
+        return custom_card("SmolLM2-135M-Instruct", adapter, sees_images=False)
     return ModelCard(name="SmolLM2-135M-Instruct", short="SmolLM2-135M",
                      summary=("a small chat model (135M parameters) that does not see the image itself: it answers "
                               "from the experts' findings (objects, text, image class), so it can count, read and "

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+
 from weights.choice import DEMO_FILES  # noqa: F401 (the demo's file list, for callers of this module)
 
 from .card import ModelCard, custom_card, demo_card, official_card, smollm2_card
@@ -61,7 +63,8 @@ class ModelOptions:
         return self.load_with_card()[0]
 
     def choice(self) -> str:
-        """Which model ``load`` would load now: "demo", "official", "smollm2" or "custom" (a base path)."""
+        """Which model ``load`` would load now: "official", "base" (linked), "smollm2", "demo" or "custom"
+        (a base path given)."""
         from weights.choice import auto_choice
 
         if self.model in ("demo", "smollm2"):
@@ -73,7 +76,7 @@ class ModelOptions:
     def load_with_card(self) -> tuple[LoadedModel, ModelCard]:
         """Resolve every path (through the weights manifest unless given) and load the model.
         A missing file raises weights.MissingWeightError naming it and the command that gets it."""
-        from weights.choice import official_base
+        from weights.choice import linked_base, official_base
         from weights.packaged import require_packaged
 
         choice = self.choice()
@@ -81,19 +84,22 @@ class ModelOptions:
             return self.load_demo(), demo_card()
         if choice == "smollm2":
             base = require_packaged("smollm2-135m-instruct")
+        elif choice == "base":
+            base = linked_base(self.weights_dir)
         else:
             base = Path(self.llama_dir) if self.llama_dir else official_base(self.weights_dir)
         adapter, adapter_name = self._adapter(default="llama-adapter-bias-7b" if choice == "official" else None)
         clip = self._clip(adapter)
         loaded = load_model(base, self.tokenizer, clip, adapter, preset=self.preset, device=self.device,
-                            dtype=self.dtype, max_seq_len=self.max_seq_len or self._default_context(choice),
+                            dtype=self.dtype or self._default_dtype(choice),
+                            max_seq_len=self.max_seq_len or self._default_context(choice),
                             bgr=self.bgr, quantize=self.quantize, pack=self._pack, merge_lora=self.merge_lora)
         if choice == "official":
             card = official_card(adapter_name)
         elif choice == "smollm2":
             card = smollm2_card(adapter_name)
         else:
-            card = custom_card(base.name, adapter_name)
+            card = custom_card(base.resolve().name, adapter_name, sees_images=loaded.model.has_vision)
         return loaded, card
 
     def _adapter(self, default: str | None) -> tuple[Path | None, str | None]:
@@ -123,11 +129,24 @@ class ModelOptions:
             return None  # a text-only model (PEFT adapters have no visual part)
         return require("clip-vit-l-14", self.weights_dir)
 
+    def _default_dtype(self, choice: str) -> str | None:
+        """Chat bases on a CPU with native bf16 run in bfloat16 with packed weights: 2.3x the decoding
+        speed of fp32 for SmolLM2 (docs/performance.md), and its GGUF weights are 4- and 8-bit already.
+        Elsewhere (and for the released 7B adapters and the demo) the device's default."""
+        from .loading import default_device
+        from .packing import packing_pays
+
+        device = torch.device(self.device) if self.device else default_device()
+        if choice in ("smollm2", "base", "custom") and device.type == "cpu" and not self.compile and \
+                self.quantize is None and packing_pays(device, torch.bfloat16):
+            return "bfloat16"
+        return None
+
     @staticmethod
     def _default_context(choice: str) -> int | None:
         """Chat bases get room for a conversation with expert context; the released 7B checkpoints keep
         the 512 tokens they were trained with (LlamaConfig's default)."""
-        return 2048 if choice in ("smollm2", "custom") else None
+        return 2048 if choice in ("smollm2", "custom", "base") else None
 
     @property
     def _pack(self) -> bool | None:
@@ -154,8 +173,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=env("MM_MODEL", "auto"), choices=MODELS,
                    help="official: LLaMA-7B + a released adapter; smollm2: SmolLM2-135M-Instruct from its package "
                         "(a small chat model that reads the experts); demo: the project's toy-world model; auto: "
-                        "official when its weights are present, else the demo. --llama-dir runs a base of your "
-                        "own (env MM_MODEL)")
+                        "official when its weights are present, else a base linked with `python -m weights link "
+                        "base PATH`, else smollm2, else the demo. --base runs a base of your own (env MM_MODEL)")
     g.add_argument("--adapter", default=env("MM_ADAPTER"),
                    help="adapter: a weights-manifest name, an official-format .pth file, a PEFT AdaptionPrompt folder, "
                         "or 'none' (default: llama-adapter-bias-7b for the official model, none for other bases; "

@@ -45,7 +45,7 @@ SYSTEM_EXPERTS = ("You are a helpful assistant that answers questions about an i
                   "itself: tools have looked at it, and their findings are given with the question. Answer from "
                   "those findings, briefly. If they do not answer the question, say so.")
 SYSTEM_VISUAL = ("You are a helpful assistant that answers questions about an image. You see the image, and "
-                 "tools' findings about it are given with the question. Answer briefly.")
+                 "tools' findings about it are given with the question. Answer in one short sentence.")
 
 
 class PromptFormat:
@@ -78,21 +78,37 @@ class AlpacaFormat(PromptFormat):
 
 
 class ChatTemplateFormat(PromptFormat):
-    """The base's own chat template (ChatML for SmolLM2, Llama 2/3's, ...): a system turn, the earlier
-    turns as user/assistant messages, and the expert context in the user turn, before the question."""
+    """The base's own chat template (ChatML for SmolLM2, Llama 2/3's, ...): a system turn, optional
+    worked examples, the earlier turns as user/assistant messages, and the expert context in the user
+    turn before the question (or in the system turn: ``context_in="system"``).
 
-    def __init__(self, tokenizer: "TokenizerBase", system: str | None = SYSTEM_EXPERTS) -> None:  # noqa: F821
+    ``examples`` are (context, question, answer) exchanges shown before the conversation, so that a
+    small model sees once how findings turn into a short answer."""
+
+    def __init__(self, tokenizer: "TokenizerBase", system: str | None = SYSTEM_EXPERTS,  # noqa: F821
+                 context_in: str = "user", examples: tuple[tuple[str, str, str], ...] = ()) -> None:
         if tokenizer.chat_template is None:
             raise ValueError("this base has no chat template")
-        self.tokenizer, self.system = tokenizer, system
+        if context_in not in ("user", "system"):
+            raise ValueError(f"context_in must be 'user' or 'system', not {context_in!r}")
+        self.tokenizer, self.system, self.context_in, self.examples = tokenizer, system, context_in, examples
+
+    @staticmethod
+    def _user(question: str, context: str | None) -> str:
+        return f"Findings about the image:\n{context.strip()}\n\nQuestion: {question}" if context else question
 
     def messages(self, question: str, history=(), context: str | None = None) -> list[dict[str, str]]:
-        out = [{"role": "system", "content": self.system}] if self.system else []
+        system = self.system or ""
+        if context and self.context_in == "system":
+            system = f"{system}\n\nFindings about the image:\n{context.strip()}".strip()
+            context = None
+        out = [{"role": "system", "content": system}] if system else []
+        for ex_context, ex_question, ex_answer in self.examples:
+            out += [{"role": "user", "content": self._user(ex_question, ex_context)},
+                    {"role": "assistant", "content": ex_answer}]
         for q, a in history:
             out += [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
-        question = question.strip()
-        user = f"Findings about the image:\n{context.strip()}\n\nQuestion: {question}" if context else question
-        return out + [{"role": "user", "content": user}]
+        return out + [{"role": "user", "content": self._user(question.strip(), context)}]
 
     def text(self, question, history=(), context=None) -> str:
         return self.tokenizer.render_chat(self.messages(question, history, context))

@@ -17,16 +17,6 @@ def font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)  # Pillow's bundled font: same output everywhere
 
 
-def shapes() -> Image.Image:
-    im = Image.new("RGB", (448, 336), (245, 240, 228))
-    d = ImageDraw.Draw(im)
-    d.ellipse((30, 60, 150, 180), fill=(214, 48, 49))
-    d.rectangle((170, 60, 290, 180), fill=(9, 132, 227))
-    d.polygon([(370, 60), (430, 180), (310, 180)], fill=(0, 168, 112))
-    d.text((224, 260), "SHAPES", font=font(48), fill=(30, 30, 30), anchor="mm")
-    return im
-
-
 def street_sign() -> Image.Image:
     im = Image.new("RGB", (448, 336), (135, 190, 235))
     d = ImageDraw.Draw(im)
@@ -72,8 +62,7 @@ def toy(fix: dict[str, str], seed: int = 0) -> Image.Image:
 
 if __name__ == "__main__":
     (OUT / "toy").mkdir(parents=True, exist_ok=True)
-    drawn = [(f"{name}.png", draw()) for name, draw in (("shapes", shapes), ("street_sign", street_sign),
-                                                        ("receipt", receipt))]
+    drawn = [(f"{name}.png", draw()) for name, draw in (("street_sign", street_sign), ("receipt", receipt))]
     drawn += [(f"toy/{name}.png", toy(fix)) for name, fix in TOY_SCENES.items()]
     for name, image in drawn:
         path = OUT / name

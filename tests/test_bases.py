@@ -146,15 +146,16 @@ def test_smollm2_runs_from_its_package_with_its_chat_template(smollm2: Engine) -
     app = ChatApp(smollm2, None, None, AppConfig())
     session = ChatSession()
     answer, details = app.api_chat(None, "What is the capital of France?", [], [], 0.0, 1.0, 16)
+    assert smollm2.model.dtype in (torch.float32, torch.bfloat16)
     assert "Paris" in answer and "<|im_end|>" not in answer
     assert details["prompt"].startswith("<|im_start|>system\n") and details["prompt"].endswith("<|im_start|>assistant\n")
     assert "model: SmolLM2-135M" in details["stats"]
     # a follow-up: the earlier turn is a user/assistant pair of the template, the context sits in the user turn
     plan = app.plan(session, "And of Italy?", "[ocr] ROMA", 16)
-    session.timeline  # unchanged by planning
-    fmt = smollm2.prompt_format
-    assert plan.ids == smollm2.tokenizer.encode_chat(fmt.messages("And of Italy?", [], "[ocr] ROMA"))
-    assert "[ocr] ROMA" in plan.prompt.split("<|im_start|>user\n")[-1]
+    fmt = app.prompting.format  # the chat template, in the app's prompt style
+    findings = app.prompting.render("[ocr] ROMA")
+    assert plan.ids == smollm2.tokenizer.encode_chat(fmt.messages("And of Italy?", [], findings))
+    assert findings in plan.prompt.split("<|im_start|>user\n")[-1] and "ROMA" in findings
 
 
 def test_chat_template_ids_equal_transformers_for_a_conversation(smollm2: Engine) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,6 +28,7 @@ from experts import Expert, ExpertRunner, Output
 from multimodal.card import demo_card, official_card
 from multimodal.generate import Engine, GenerationStats
 from multimodal.options import ModelOptions
+from weights.packaged import packaged
 from test_app import StubExpert, engine, make_app  # noqa: F401 (engine: the tiny model fixture)
 
 DEMO = REPO_ROOT / "weights" / "demo"
@@ -324,11 +326,29 @@ def test_weights_status_names_the_model_the_app_would_load(tmp_path: Path) -> No
     run = subprocess.run([sys.executable, "-m", "weights", "status"], cwd=REPO_ROOT, capture_output=True, text=True,
                          timeout=120, env={k: v for k, v in os.environ.items() if k != "MM_WEIGHTS_DIR"})
     first, *rest = run.stdout.splitlines()
-    assert first.startswith("the app would load: demo (llama-7b is missing"), run.stdout
+    installed = packaged("smollm2-135m-instruct").path() is not None
+    expected = "smollm2 (llama-7b is missing and no base is linked" if installed else "demo (llama-7b is missing"
+    assert first.startswith(f"the app would load: {expected}"), run.stdout
     demo_row = next(line for line in rest if line.startswith("demo "))
     assert "present" in demo_row and "MiB" in demo_row and "toy world" in demo_row
+    smollm2_row = next(line for line in rest if line.startswith("smollm2-135m-instruct "))
+    assert ("present" in smollm2_row) == installed and "language model" in smollm2_row
 
-    empty = subprocess.run([sys.executable, "-m", "weights", "status", "--dir", str(tmp_path)], cwd=REPO_ROOT,
-                           capture_output=True, text=True, timeout=120)
-    assert empty.stdout.startswith("the app would load: official (llama-7b is missing and weights/demo/ is incomplete")
-    assert "incomplete" in next(line for line in empty.stdout.splitlines() if line.startswith("demo "))
+
+def test_the_order_of_the_automatic_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import weights.choice as choice
+    from weights.packaged import PackagedWeight
+
+    empty = tmp_path / "empty"
+    monkeypatch.setattr(choice, "packaged", lambda name: PackagedWeight(name, "", "", "none-such", "0", "none_such/x", ""))
+    assert choice.auto_choice(empty).model == "official"  # nothing at all: the app says which file to get
+    shutil.copytree(DEMO, empty / "demo")
+    assert choice.auto_choice(empty).model == "demo"
+    monkeypatch.undo()
+    if packaged("smollm2-135m-instruct").path() is not None:
+        assert choice.auto_choice(empty).model == "smollm2"
+    base = tmp_path / "my-base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    choice.link_base(base, empty)
+    assert choice.auto_choice(empty).model == "base" and choice.linked_base(empty) == empty / "base"

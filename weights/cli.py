@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import IO, Sequence
 
-from .choice import DEMO_FILES, auto_choice, demo_dir, demo_missing
+from .choice import BASE_LINK, DEMO_FILES, auto_choice, demo_dir, demo_missing, link_base
 from .fetch import FetchError, fetch_artifact
 from .hf_link import is_hf_folder, link_hf_llama1_7b
 from .packaged import PACKAGED
@@ -154,6 +154,15 @@ def cmd_fetch(args: argparse.Namespace, manifest: Manifest, root: Path, out: IO[
 
 
 def cmd_link(args: argparse.Namespace, manifest: Manifest, root: Path, out: IO[str]) -> int:
+    if args.name == BASE_LINK:  # a LLaMA-family base of the user's own, loaded when llama-7b is absent
+        try:
+            dest = link_base(args.path, root)
+        except (ValueError, OSError) as err:
+            print(f"error    base: {err}", file=sys.stderr)
+            return 1
+        print(f"{display_path(dest)} -> {os.readlink(dest)}", file=out)
+        print("linked base; the app loads it when llama-7b is absent (nothing was copied)", file=out)
+        return 0
     art = manifest.get(args.name)
     if art.name == "llama-7b" and is_hf_folder(Path(args.path).expanduser()):  # a Hugging Face copy
         try:
@@ -213,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("link", parents=[common], help="symlink files you already have (no copy)")
-    p.add_argument("name", metavar="NAME")
+    p.add_argument("name", metavar="NAME", help="a manifest name, or 'base' for a LLaMA-family base of your own "
+                                                 "(a Hugging Face or Meta folder, or a .gguf file)")
     p.add_argument("path", metavar="PATH", help="the file, or the folder holding the files")
     p.add_argument("--force", action="store_true", help="replace a real file already in place")
     p.add_argument("--no-verify", action="store_true", help="skip checksums (sizes are still checked)")
