@@ -10,7 +10,8 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal, Mapping
 
 from PIL import Image
@@ -136,3 +137,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         canvas.paste(rgba, mask=rgba.getchannel("A"))
         return canvas
     return image.convert("RGB")
+
+
+def file_settings(config: Any, path: Path | None) -> dict[str, Any]:
+    """An expert's settings for the runner's cache key: its config dataclass, and the model file with its
+    size and modification time, so a replaced weight file never serves cached results of the old one."""
+    stat = path.stat() if path is not None else None
+    return {**asdict(config), "model": str(path),
+            "model_stamp": (stat.st_size, stat.st_mtime_ns) if stat else None}

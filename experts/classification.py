@@ -30,14 +30,14 @@ import importlib.util
 import os
 import re
 import threading
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence
 
 from PIL import Image
 
-from .base import Expert, Output
+from .base import Expert, Output, file_settings
 
 if TYPE_CHECKING:  # torch and timm are imported on first use, so `import experts` stays cheap
     import torch
@@ -135,14 +135,7 @@ class ClassificationExpert(Expert):
         return self._resolve()[1]
 
     def settings(self) -> Mapping[str, Any]:
-        path, _ = self._resolve()
-        stat = path.stat() if path is not None else None
-        return {
-            **asdict(self.config),
-            "model": str(path),
-            "model_stamp": (stat.st_size, stat.st_mtime_ns) if stat else None,
-            "image_size": IMAGE_SIZE,
-        }
+        return {**file_settings(self.config, self._resolve()[0]), "image_size": IMAGE_SIZE}
 
     # -- running ---------------------------------------------------------------------------
 

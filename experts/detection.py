@@ -11,13 +11,13 @@ import os
 import sys
 import tempfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from PIL import Image, ImageDraw, ImageFont
 
-from .base import Expert, Output
+from .base import Expert, Output, file_settings
 from .describe import count_phrase, region, regions_phrase
 from .weightfiles import lookup
 
@@ -108,13 +108,7 @@ class DetectionExpert(Expert):
         return self._resolve()[1]
 
     def settings(self) -> Mapping[str, Any]:
-        path, _ = self._resolve()
-        stat = path.stat() if path is not None else None
-        return {
-            **asdict(self.config),
-            "model": str(path),
-            "model_stamp": (stat.st_size, stat.st_mtime_ns) if stat else None,
-        }
+        return file_settings(self.config, self._resolve()[0])
 
     # -- running ---------------------------------------------------------------------------
 

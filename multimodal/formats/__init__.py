@@ -16,6 +16,7 @@ interleaved-pair RoPE order (pairs (2i, 2i+1) rotate together).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -33,6 +34,22 @@ StateDict = Mapping[str, torch.Tensor]
 class BaseFormatError(ValueError):
     """Files that are not a LLaMA-family base this project can read; the message names the file and
     what is wrong with it, in one line."""
+
+
+def one_line(e: BaseException) -> str:
+    """A library's error message on one line, for the one-line errors above."""
+    return " ".join(str(e).split())
+
+
+def read_json_object(path: Path, error: type[ValueError] = BaseFormatError) -> dict[str, Any]:
+    """A JSON file holding an object; anything else raises ``error`` naming the file."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({one_line(e)})") from None
+    if not isinstance(data, dict):
+        raise error(f"{path}: expected a JSON object")
+    return data
 
 
 @dataclass

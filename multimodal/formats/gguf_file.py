@@ -29,7 +29,7 @@ from gguf.quants import dequantize
 
 from ..config import LlamaConfig, RopeScaling
 from ..llama import scale_frequencies
-from . import BaseFiles, BaseFormatError
+from . import BaseFiles, BaseFormatError, one_line
 from .hf_tokenizer import END_OF_TURN, HFTokenizer
 
 # Types ``gguf.quants.dequantize`` turns into float32 (the list the project promises, and neighbours).
@@ -85,7 +85,7 @@ def _open(path: Path) -> GGUFReader:
     try:
         return GGUFReader(path, "r")  # memory-mapped, read-only
     except Exception as e:  # gguf raises ValueError/IndexError/... for truncated or corrupt headers
-        raise BaseFormatError(f"{path}: cannot read the GGUF header ({_one_line(e)})") from None
+        raise BaseFormatError(f"{path}: cannot read the GGUF header ({one_line(e)})") from None
 
 
 def llama_config(meta: Metadata, tensors: Mapping[str, ReaderTensor], **overrides: Any) -> LlamaConfig:
@@ -350,8 +350,5 @@ def read_gguf(path: str | os.PathLike, **overrides: Any) -> BaseFiles:
         raise BaseFormatError(f"{path}: the tokenizer has {tokenizer.n_words} tokens, the model {cfg.vocab_size}")
     return BaseFiles(cfg, weights, tokenizer, source=f"GGUF file {path}", format="gguf")
 
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())
 
 

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 
 from ..config import LlamaConfig, RopeScaling
-from . import BaseFiles, BaseFormatError
+from . import BaseFiles, BaseFormatError, one_line, read_json_object
 from .hf_tokenizer import load_folder_tokenizer
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -134,7 +134,7 @@ class _Shard:
         except FileNotFoundError:
             raise BaseFormatError(f"{path}: weight file is missing") from None
         except Exception as e:  # safetensors' and torch's errors for truncated or corrupt files
-            raise BaseFormatError(f"{path}: cannot read the weights ({_one_line(e)})") from None
+            raise BaseFormatError(f"{path}: cannot read the weights ({one_line(e)})") from None
 
     def keys(self) -> list[str]:
         return self._reader.keys()
@@ -145,7 +145,7 @@ class _Shard:
         except BaseFormatError:
             raise
         except Exception as e:  # a file changed or damaged since it was opened
-            raise BaseFormatError(f"{self.path}: cannot read {key} ({_one_line(e)})") from None
+            raise BaseFormatError(f"{self.path}: cannot read {key} ({one_line(e)})") from None
 
 
 class _SafetensorsReader:
@@ -267,7 +267,7 @@ class HFWeights(Mapping[str, torch.Tensor]):
                 try:
                     weight_map = json.loads((folder / index).read_text())["weight_map"]
                 except (json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise BaseFormatError(f"{folder / index}: not a shard index ({_one_line(e)})") from None
+                    raise BaseFormatError(f"{folder / index}: not a shard index ({one_line(e)})") from None
                 files = sorted(set(weight_map.values()))
                 shards = [_Shard(folder / name) for name in files]  # every shard opened (checked) up front
                 held = {k for s in shards for k in s.keys()}
@@ -330,17 +330,9 @@ def read_hf_folder(path: str | os.PathLike, **overrides: Any) -> BaseFiles:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise BaseFormatError(f"{folder}: no config.json (not a Hugging Face model folder)")
-    try:
-        hf = json.loads(config_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BaseFormatError(f"{config_path}: not valid JSON ({_one_line(e)})") from None
-    if not isinstance(hf, dict):
-        raise BaseFormatError(f"{config_path}: expected a JSON object")
+    hf = read_json_object(config_path)
     cfg = llama_config(hf, config_path, **overrides)
     weights = HFWeights(folder, cfg)
     tokenizer = load_folder_tokenizer(folder)
     return BaseFiles(cfg, weights, tokenizer, source=f"Hugging Face folder {folder}", format="hf")
 
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())

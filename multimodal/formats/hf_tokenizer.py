@@ -7,7 +7,6 @@ tokens, and whether a plain prompt starts with bos follows what the folder's fil
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from collections.abc import Iterable
@@ -17,7 +16,7 @@ from typing import Any
 import tokenizers
 
 from ..tokenizer import Tokenizer, TokenizerBase
-from . import BaseFormatError
+from . import BaseFormatError, one_line, read_json_object
 
 # Added tokens that close a turn in the chat formats LLaMA-family bases use (ChatML, Llama 3, Phi,
 # Gemma) or end a document; a model that emits one is done answering.
@@ -67,7 +66,7 @@ class HFTokenizer(TokenizerBase):
         try:
             tok = tokenizers.Tokenizer.from_file(str(path))
         except Exception as e:  # the library raises a bare Exception for malformed files
-            raise BaseFormatError(f"{path}: not a tokenizers file ({_one_line(e)})") from None
+            raise BaseFormatError(f"{path}: not a tokenizers file ({one_line(e)})") from None
         cfg = FolderTokenizerConfig.read(folder)
 
         def token_id(text: str | None, what: str) -> int | None:
@@ -202,16 +201,5 @@ def _token_text(value: Any) -> str | None:
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BaseFormatError(f"{path}: not valid JSON ({_one_line(e)})") from None
-    if not isinstance(data, dict):
-        raise BaseFormatError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path) if path.is_file() else None
 
-
-def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())

@@ -31,6 +31,7 @@ import torch
 
 from ..checkpoint import AdapterCheckpoint, CheckpointError, StateDict, preview_names
 from ..config import LlamaConfig, ModelConfig
+from . import read_json_object
 
 if TYPE_CHECKING:
     from ..model import MultimodalLlama
@@ -45,13 +46,7 @@ _PREFIX = "base_model.model.model.layers"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({' '.join(str(e).split())})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(path, CheckpointError)
 
 
 def _read_tensors(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:

@@ -117,7 +117,26 @@ def profile_table(step: Any, steps: int) -> dict[str, Any]:
 # --- our model ----------------------------------------------------------------------------------------
 
 
-class OursBaseWorker:
+class GreedyRuns:
+    """What both workers share: one timed greedy generation per run, its tokens kept for the check."""
+
+    spec: Spec
+    tokens: list[list[int]]
+
+    def _generate(self, n: int) -> tuple[dict[str, float], list[int]]:
+        raise NotImplementedError
+
+    def run(self, variant: str) -> dict[str, float]:
+        times, tokens = self._generate(self.spec.new_tokens)
+        self.tokens.append(tokens)
+        return times
+
+    def greedy_summary(self) -> dict[str, Any]:
+        return {"peak_rss_mib": peak_rss_mib(), "tokens": self.tokens[0] if self.tokens else [],
+                "tokens_stable": all(t == self.tokens[0] for t in self.tokens)}
+
+
+class OursBaseWorker(GreedyRuns):
     """Our model as the app loads a text-only base: ``load_model`` with no adapter and no CLIP file."""
 
     def __init__(self, spec: Spec) -> None:
@@ -151,14 +170,8 @@ class OursBaseWorker:
         decode_s, out = ours_decode(self.model, token, self.ids.shape[1], n - 1, None)
         return phases | {"decode": decode_s}, [int(token)] + out
 
-    def run(self, variant: str) -> dict[str, float]:
-        times, tokens = self._generate(self.spec.new_tokens)
-        self.tokens.append(tokens)
-        return times
-
     def finish(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"peak_rss_mib": peak_rss_mib(), "tokens": self.tokens[0] if self.tokens else [],
-                               "tokens_stable": all(t == self.tokens[0] for t in self.tokens)}
+        out = self.greedy_summary()
         if self.spec.profile_steps:
             llama, token = self.model.llama, torch.tensor([[self.spec.ids[-1]]])
             pos = self.ids.shape[1]
@@ -195,7 +208,7 @@ def hf_chat_ids(base: Path, messages: list[dict[str, str]]) -> list[int] | None:
     return list(out["input_ids"] if isinstance(out, Mapping) else out)
 
 
-class HfBaseWorker:
+class HfBaseWorker(GreedyRuns):
     """transformers' LlamaForCausalLM from the same base file, the same greedy loop (KV cache,
     logits of the last position, argmax read on the host every step)."""
 
@@ -226,14 +239,8 @@ class HfBaseWorker:
         decode_s, out = hf_decode(self.hf, token, cache, n - 1)
         return phases | {"decode": decode_s}, [int(token)] + out
 
-    def run(self, variant: str) -> dict[str, float]:
-        times, tokens = self._generate(self.spec.new_tokens)
-        self.tokens.append(tokens)
-        return times
-
     def finish(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"peak_rss_mib": peak_rss_mib(), "tokens": self.tokens[0] if self.tokens else [],
-                               "tokens_stable": all(t == self.tokens[0] for t in self.tokens)}
+        out = self.greedy_summary()
         if self.spec.profile_steps:
             from transformers import DynamicCache
 
