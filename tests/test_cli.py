@@ -27,7 +27,7 @@ def test_cli_streams_an_answer_about_an_image(tiny_files: dict[str, Path], tmp_p
 
 
 def test_cli_names_the_missing_file_and_the_fetch_command(tmp_path: Path) -> None:
-    out = run("hi", "--weights-dir", str(tmp_path), "--adapter", "none")
+    out = run("hi", "--weights-dir", str(tmp_path), "--model", "official", "--adapter", "none")
     assert out.returncode == 2
     assert "params.json" in out.stderr and "python -m weights" in out.stderr and "link llama-7b" in out.stderr
 
