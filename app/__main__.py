@@ -72,6 +72,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the answer-length slider's starting value (env MM_MAX_NEW_TOKENS)")
     s.add_argument("--log-chats", default=env("MM_LOG_CHATS"), metavar="DIR",
                    help="opt-in: write questions, answers and images to DIR (default: nothing is logged; env MM_LOG_CHATS)")
+    a = p.add_argument_group("OpenAI-compatible API (/v1/chat/completions on the same port)")
+    a.add_argument("--api-key", default=env("MM_API_KEY"),
+                   help="clients must send 'Authorization: Bearer KEY'; without a key the API answers only on a "
+                        "loopback server (env MM_API_KEY)")
+    a.add_argument("--api-fetch-images", action="store_true", default=env("MM_API_FETCH_IMAGES") == "1",
+                   help="let the server download http(s) image URLs (capped by --max-upload-mb, 10 s timeout); "
+                        "default: only inline data: URLs (env MM_API_FETCH_IMAGES=1)")
+    a.add_argument("--no-api", action="store_true", default=env("MM_API") == "0",
+                   help="serve the page only, without the /v1 routes (env MM_API=0)")
     e = p.add_argument_group("experts")
     e.add_argument("--experts", default=env("MM_EXPERTS", ",".join(EXPERTS)),
                    help="experts offered on the page, comma-separated, or none (env MM_EXPERTS)")
@@ -229,8 +238,17 @@ def main(argv: list[str] | None = None) -> int:
     app = build_app(args, on)
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    routes = None
+    if not args.no_api:
+        from .openai_api import ApiSettings, api_routes
+
+        api = ApiSettings(api_key=args.api_key or None, host=args.host, share=args.share,
+                          max_upload_bytes=args.max_upload_mb << 20, fetch_images=args.api_fetch_images)
+        if api.warning():
+            log.warning("Warning: %s", api.warning())
+        routes = {"routes": api_routes(app, api)}
     launch(demo, app, args.share, server_name=args.host, server_port=args.port, auth=auth,
-           max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"], run_history=False)
+           max_file_size=f"{args.max_upload_mb}mb", footer_links=["api"], run_history=False, app_kwargs=routes)
     try:
         demo.block_thread()
     except KeyboardInterrupt:

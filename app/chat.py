@@ -271,7 +271,8 @@ class ChatApp:
         return turn if turn is not None and not turn.done else None
 
     def generate(self, session: ChatSession, key: str, selected: list[str] | None, context_text: str | None,
-                 temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
+                 temperature: float, top_p: float, max_new_tokens: int, seed: int | None = None,
+                 stats: GenerationStats | None = None) -> Iterator[str]:
         """Answer the pending turn, appending text to it as tokens arrive; yields a status line.
 
         `context_text` is the (possibly edited) context box: used as is unless it is one of the texts
@@ -283,7 +284,8 @@ class ChatApp:
             return
         cancel = self._cancel.setdefault(key, threading.Event())
         try:
-            yield from self._generate(session, turn, cancel, selected, context_text, temperature, top_p, max_new_tokens)
+            yield from self._generate(session, turn, cancel, selected, context_text, temperature, top_p, max_new_tokens,
+                                      seed, stats if stats is not None else GenerationStats())
         except BaseException:
             if turn in session.timeline and not turn.answer:
                 session.timeline.remove(turn)
@@ -294,7 +296,8 @@ class ChatApp:
                 self._cancel.pop(key, None)
 
     def _generate(self, session: ChatSession, turn: Turn, cancel: threading.Event, selected: list[str] | None,
-                  context_text: str | None, temperature: float, top_p: float, max_new_tokens: int) -> Iterator[str]:
+                  context_text: str | None, temperature: float, top_p: float, max_new_tokens: int,
+                  seed: int | None, stats: GenerationStats) -> Iterator[str]:
         engine = self.require_engine()
         start = time.perf_counter()
         if cancel.is_set():
@@ -302,7 +305,7 @@ class ChatApp:
             yield "Stopped."
             return
         try:
-            params = SamplingParams(int(max_new_tokens), float(temperature), float(top_p))
+            params = SamplingParams(int(max_new_tokens), float(temperature), float(top_p), seed)
         except ValueError as e:
             raise ChatError(f"Sampling settings: {e}.") from None
         context, used, problems = self._context(session, selected, context_text)
@@ -311,8 +314,7 @@ class ChatApp:
         status_bits = [b for b in (plan.dropped_note(), problems, NO_IMAGE_NOTE if session.image is None else "") if b]
         yield ("Writing… " + " · ".join(status_bits)).strip()
 
-        stats = GenerationStats()
-        params = SamplingParams(plan.answer_room, params.temperature, params.top_p)
+        params = SamplingParams(plan.answer_room, params.temperature, params.top_p, params.seed)
         try:
             # The engine caches the image's visual prompts by pixel hash (computed once per image, under
             # its lock) and reuses the keys/values of a prompt prefix it has already seen.

@@ -117,14 +117,20 @@ def no_network() -> Iterator[list[object]]:
 
 
 @contextlib.contextmanager
-def serve_app(app: object) -> Iterator[str]:
-    """The chat page for ``app`` (an app.chat.ChatApp) on 127.0.0.1 at a free port; yields its URL."""
+def serve_app(app: object, api: object | None = None) -> Iterator[str]:
+    """The chat page for ``app`` (an app.chat.ChatApp) on 127.0.0.1 at a free port; yields its URL.
+    With ``api`` (app.openai_api.ApiSettings) the OpenAI-compatible routes are served too."""
     from app.ui import build_demo, page_assets
 
     demo = build_demo(app)
     demo.queue(default_concurrency_limit=2)
+    routes = None
+    if api is not None:
+        from app.openai_api import api_routes
+
+        routes = {"routes": api_routes(app, api)}  # type: ignore[arg-type]
     _, url, _ = demo.launch(server_name="127.0.0.1", server_port=None, prevent_thread_lock=True, quiet=True,
-                            run_history=False, **page_assets())
+                            run_history=False, app_kwargs=routes, **page_assets())
     try:
         yield url
     finally:
