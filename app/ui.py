@@ -80,9 +80,9 @@ def build_demo(app: ChatApp) -> gr.Blocks:
     with gr.Blocks(title="LLaMA-Adapter V2 image chat") as demo:
         state = gr.State(ChatSession())  # Gradio deep-copies it for each browser session
         banner = gr.Markdown(_banner(app), elem_id="banner")
-        gr.Markdown("LLaMA-Adapter V2 with optional expert systems (caption, OCR, detection) whose text you can "
-                    "see and edit before it is sent. Nothing you upload or type is logged unless the operator "
-                    "turned chat logging on.")
+        gr.Markdown("An image chat built on LLaMA-Adapter V2, with expert systems (caption, OCR, object detection, "
+                    "image class) whose findings you can see and edit before they are sent. Nothing you upload or "
+                    "type is logged unless the operator turned chat logging on.")
         with gr.Row():
             with gr.Column(scale=5, min_width=320):
                 chatbot = gr.Chatbot(label="Chat", height=480, elem_id="chat", buttons=["copy"],
