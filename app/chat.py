@@ -354,8 +354,7 @@ class ChatApp:
         engine = self.require_engine()
         try:
             return assemble(question, session.history(), self.prompting.render(context), self.prompting.format,
-                            engine.max_seq_len,
-                            max_new_tokens)
+                            engine.max_seq_len, max_new_tokens)
         except PromptBudgetError as e:
             raise ChatError(str(e)) from None
 
@@ -382,8 +381,7 @@ class ChatApp:
         context = context_text or ""
         try:
             plan = assemble(question or "", session.history(), self.prompting.render(context), self.prompting.format,
-                            self.engine.max_seq_len,
-                            int(max_new_tokens))
+                            self.engine.max_seq_len, int(max_new_tokens))
         except PromptBudgetError as e:
             return f"**Context budget:** over the limit. {e}"
         used = plan.prompt_tokens + plan.answer_room
