@@ -2,6 +2,11 @@
 
     python scripts/bench_base.py --base PATH.gguf --new-tokens 64 --repeats 3
     python scripts/bench_base.py --memory --shape 1b --gguf PATH.gguf
+    python scripts/bench_base.py --base PATH.gguf --llama-cpp --prompt long --new-tokens 64
+
+``--llama-cpp`` adds llama.cpp (llama-cpp-python, a benchmark-only extra: bench-requirements.txt) on the
+same GGUF file as a third peer: the same prompt ids, greedy tokens and threads, its own process,
+interleaved; a three-way table with ours / llama.cpp speed ratios follows the report.
 
 ``--base`` (a .gguf file or a Hugging Face folder): our model loaded by ``load_model`` (no adapter, no
 CLIP: a text-only model) in float32 (dequantized weights) and, where the CPU runs bf16 natively, in
@@ -33,11 +38,26 @@ from typing import Any
 import torch
 
 from bench.base_report import report
+from bench import llamacpp_worker
 from bench.base_workers import Spec, Worker, run_once, serve_spec
 from bench.machine import machine_info
 
 MESSAGES = [{"role": "user", "content": "Explain in a few sentences why the sky is blue during the day and "
                                         "why sunsets look red."}]
+# --prompt long: about 256 prompt tokens with SmolLM2's template, the prefill length the CPU work targets
+PASSAGE = ("Sunlight looks white, but it is a mixture of every colour of the visible spectrum, from violet "
+           "and blue at the short wavelengths to orange and red at the long ones. On its way down through the "
+           "atmosphere the light meets nitrogen and oxygen molecules that are far smaller than its wavelength. "
+           "Such small particles scatter light with a strength that grows as the inverse fourth power of the "
+           "wavelength, so blue light is scattered roughly five times as strongly as red light. Wherever we look "
+           "in the daytime sky we see this scattered light, and it is dominated by "
+           "blue. Violet is scattered even more, yet the sky does not look violet: the sun emits less of it, part "
+           "of it is absorbed high in the atmosphere, and our eyes are less sensitive to it. At sunrise and "
+           "sunset the light crosses a much longer path through the air before it reaches us, so most of the "
+           "blue is scattered out of the direct beam long before it arrives. What remains is the orange and red "
+           "light that colours the sun and the clouds near the horizon.")
+LONG_MESSAGES = [{"role": "user", "content": PASSAGE + " Summarise this passage in three sentences, then say "
+                                                       "which single fact in it you find the most surprising."}]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +67,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="our precisions, comma-separated (auto: float32, and bfloat16 where the CPU runs it natively)")
     p.add_argument("--hf-dtypes", default="float32",
                    help="transformers' precisions, comma-separated; its float32 is the reference of the token check")
+    p.add_argument("--prompt", choices=("short", "long"), default="short",
+                   help="the chat: short (about 50 tokens with SmolLM2's template) or long (about 256)")
+    p.add_argument("--llama-cpp", action="store_true",
+                   help=f"with --base FILE.gguf: also llama.cpp on the same file ({llamacpp_worker.INSTALL})")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per run, the first included; EOS ignored")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per model after a warm-up; median reported")
     p.add_argument("--check-tokens", type=int, default=16,
@@ -67,6 +91,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --base PATH, --memory, or both")
     if a.new_tokens < 2 or a.repeats < 1 or a.check_tokens < 1:
         p.error("need --new-tokens >= 2, --repeats >= 1, --check-tokens >= 1")
+    if a.llama_cpp:
+        if a.base is None or a.base.suffix != ".gguf":
+            p.error("--llama-cpp needs --base FILE.gguf: llama.cpp reads GGUF files only")
+        if not llamacpp_worker.available():
+            p.error(f"--llama-cpp: llama_cpp is not installed; install the benchmark extra with "
+                    f"`{llamacpp_worker.INSTALL}` (builds llama.cpp from source)")
     return a
 
 
@@ -92,16 +122,16 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 # --- --base: ours vs transformers -------------------------------------------------------------------------
 
 
-def prompt(base: Path) -> tuple[list[int], list[dict[str, str]], dict[str, Any]]:
+def prompt(base: Path, chat: list[dict[str, str]] = MESSAGES) -> tuple[list[int], list[dict[str, str]], dict[str, Any]]:
     """The chat prompt's ids from our tokenizer (the base's chat template), and what the base is."""
     from multimodal.formats import read_base
 
     files = read_base(base)
     tok, c = files.tokenizer, files.config
     if tok.chat_template:
-        ids, messages = tok.encode_chat(MESSAGES), MESSAGES
+        ids, messages = tok.encode_chat(chat), chat
     else:  # a base without a chat template: the plain question
-        ids, messages = tok.encode(MESSAGES[0]["content"], bos=tok.add_bos), []
+        ids, messages = tok.encode(chat[0]["content"], bos=tok.add_bos), []
     described = {"path": str(base), "format": files.format, "dim": c.dim, "n_layers": c.n_layers, "n_heads": c.n_heads,
                  "n_kv_heads": c.kv_heads, "ffn": c.ffn_hidden_dim, "vocab": c.vocab_size, "tied": c.tie_embeddings,
                  "file_mib": sum(f.stat().st_size for f in ([base] if base.is_file() else base.iterdir())) / 2**20,
@@ -110,12 +140,14 @@ def prompt(base: Path) -> tuple[list[int], list[dict[str, str]], dict[str, Any]]
 
 
 def compare_decoding(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    ids, messages, described = prompt(a.base)
+    ids, messages, described = prompt(a.base, LONG_MESSAGES if a.prompt == "long" else MESSAGES)
     common = {"base": str(a.base), "threads": a.threads, "ids": ids, "new_tokens": a.new_tokens,
               "max_seq_len": len(ids) + a.new_tokens + 8, "profile_steps": a.profile_steps}
     specs = {f"ours-{d}": Spec(kind="ours", dtype=d, **common) for d in our_dtypes(a.dtypes)}
     for d in dict.fromkeys(["float32", *our_dtypes(a.hf_dtypes)]):  # float32 always: the token check's reference
         specs[f"transformers-{d}"] = Spec(kind="hf", dtype=d, messages=messages if d == "float32" else [], **common)
+    if a.llama_cpp:  # the same ids: all three prefill the same tokens
+        specs[llamacpp_worker.NAME] = Spec(kind="llamacpp", **common)
     log(f"{a.base}: {len(ids)} prompt tokens, {a.new_tokens} new tokens, {a.threads} threads; loading "
         f"{', '.join(specs)} side by side")
     workers = {name: Worker(name, spec, tmp) for name, spec in specs.items()}
@@ -143,6 +175,9 @@ def compare_decoding(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             same = results.get(f"transformers-{dtype}")
             if same is not None and same is not hf:  # the same precision on both sides
                 res["ratio_vs_transformers_same_dtype"] = res["tok_s"] / same["tok_s"]
+    if llamacpp_worker.NAME in results:  # reported, not gated: llama.cpp computes on the quantized weights
+        check[f"common_prefix_{llamacpp_worker.NAME}"] = common_prefix(results[llamacpp_worker.NAME]["tokens"],
+                                                                       hf["tokens"])
     check["tokens_match"] = check.get("common_prefix_float32", 0) >= check["check_tokens"]
     return {"base": described, "prompt_tokens": len(ids), "new_tokens": a.new_tokens, "repeats": a.repeats,
             "models": results, "check": check}
@@ -181,7 +216,13 @@ def measure_memory(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     if a.worker is not None:
-        serve_spec(a.worker)
+        spec = Spec.read(a.worker)
+        if spec.kind == "llamacpp":  # its own module: llama_cpp is imported only in that worker
+            from bench.workers import serve
+
+            serve(llamacpp_worker.LlamaCppWorker(spec))  # type: ignore[arg-type]
+        else:
+            serve_spec(a.worker)
         return 0
     info = machine_info(torch.device("cpu")) | {"threads": a.threads, "load_avg_start": os.getloadavg()}
     result: dict[str, Any] = {"args": {k: str(v) for k, v in vars(a).items()}, "machine": info}
@@ -193,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             result["decode"] = compare_decoding(a, tmp)
     info["load_avg_end"] = os.getloadavg()
     text = report(result)
+    if "decode" in result and llamacpp_worker.NAME in result["decode"]["models"]:
+        text += "\n\n" + "\n".join(llamacpp_worker.three_way_lines(result["decode"]))
     print(text)
     if a.markdown:
         a.markdown.write_text(text + "\n")
