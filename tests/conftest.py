@@ -1,6 +1,8 @@
 """Shared test helpers: where the real fixtures live, and skipping when one is absent."""
 from __future__ import annotations
 
+from types import ModuleType
+
 import contextlib
 import os
 import socket
@@ -135,3 +137,15 @@ def serve_app(app: object, api: object | None = None) -> Iterator[str]:
         yield url
     finally:
         demo.close()
+
+
+def load_script(name: str) -> "ModuleType":
+    """scripts/NAME.py as a module, for tests of a script's functions (scripts/ is not a package)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, REPO_ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -3,31 +3,20 @@ shape (phases per turn, medians and the worst case, per expert, per answer), and
 still works. How fast the answers are is not checked: that is the script's output, not a property."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from conftest import REPO_ROOT, fixture_path
+from conftest import REPO_ROOT, load_script, fixture_path
 
 SCRIPT = REPO_ROOT / "scripts" / "bench_answer.py"
 NUMBER = r"\d+\.\d\d"
 
 
-def _load_script() -> ModuleType:
-    """The script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("bench_answer", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_answer"] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-ba = _load_script()
+ba = load_script("bench_answer")
 
 
 def _answer(turn: str, total: float, experts: float = 0.5, first: float = 0.2, decode: float = 0.3) -> object:

@@ -2,31 +2,20 @@
 and the script runs end to end through the app's own code path with the demo model."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-from conftest import REPO_ROOT, fixture_path
+from conftest import REPO_ROOT, load_script, fixture_path
 
 SCRIPT = REPO_ROOT / "scripts" / "eval_photos.py"
 SCORE = re.compile(r"^Score: (\d+)/(\d+) right \((\d+(?:\.\d+)?)%\)$", re.MULTILINE)
 
 
-def _load_script() -> ModuleType:
-    """The script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("eval_photos", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["eval_photos"] = module
-    spec.loader.exec_module(module)
-    return module
 
-
-ev = _load_script()
+ev = load_script("eval_photos")
 ITEMS = ev.load_set(ev.DEFAULT_SET)
 
 

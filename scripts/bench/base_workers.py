@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from .timing import hf_decode, hf_first_token, ours_decode, ours_first_token, peak_rss_mib, rss_mib
-from .workers import TAG, emit, serve
+from .workers import emit, read_reply, serve
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench_base.py"  # what a worker process runs
 
@@ -317,12 +317,7 @@ class Worker:
         self.runs: list[dict[str, float]] = []
 
     def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(TAG):
-                return json.loads(line[len(TAG):])
-            sys.stderr.write(line)
-        raise SystemExit(f"the {self.name} worker exited with status {self.proc.wait()}")
+        return read_reply(self.proc, self.name)
 
     def ready(self) -> dict[str, Any]:
         if self.info is None:

@@ -160,6 +160,16 @@ class HfWorker:
 TAG = "@@benchmark "  # marks protocol lines on a worker's stdout; anything else a library prints is passed on
 
 
+def read_reply(proc: subprocess.Popen, name: str) -> dict[str, Any]:
+    """The worker's next protocol line; whatever else it prints goes to stderr."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith(TAG):
+            return json.loads(line[len(TAG):])
+        sys.stderr.write(line)
+    raise SystemExit(f"the {name} worker exited with status {proc.wait()}")
+
+
 def emit(obj: dict[str, Any]) -> None:
     print(TAG + json.dumps(obj), flush=True)
 
@@ -189,12 +199,7 @@ class Remote:
         self.runs: dict[str, list[dict[str, float]]] = {}
 
     def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if line.startswith(TAG):
-                return json.loads(line[len(TAG):])
-            sys.stderr.write(line)
-        raise SystemExit(f"the {self.kind} worker exited with status {self.proc.wait()}")
+        return read_reply(self.proc, self.kind)
 
     def ask(self, command: str) -> dict[str, Any]:
         assert self.proc.stdin is not None
