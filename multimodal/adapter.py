@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .coded import GroupCodes, coded_linear
 from .config import AdapterConfig
 from .packing import linear
 
@@ -29,6 +30,10 @@ class AdaptedLinear(nn.Linear):
         self.scale = nn.Parameter(torch.empty(out_features, **kw)) if scale else None
         self.lora_a = nn.Parameter(torch.empty(lora_rank, in_features, **kw)) if lora_rank else None
         self.lora_b = nn.Parameter(torch.empty(out_features, lora_rank, **kw)) if lora_rank else None
+        # the frozen weight as a GGUF file stores it (coded.py), for the compiled decoding step only
+        self.register_buffer("codes", None, persistent=False)
+        self.register_buffer("code_scale", None, persistent=False)
+        self.register_buffer("code_offset", None, persistent=False)
         self.reset_adapter_parameters()
 
     def reset_parameters(self) -> None:
@@ -47,8 +52,32 @@ class AdaptedLinear(nn.Linear):
                 nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
                 self.lora_b.zero_()
 
+    def set_codes(self, c: GroupCodes) -> None:
+        """Keep the frozen weight's codes beside it (same values: coded.py) for compiled steps."""
+        if c.codes.shape != self.weight.shape:
+            raise ValueError(f"codes of shape {tuple(c.codes.shape)} for a weight of {tuple(self.weight.shape)}")
+        device = self.weight.device
+        self.codes, self.code_scale = c.codes.to(device), c.scale.to(device)
+        self.code_offset = c.offset.to(device) if c.offset is not None else None
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen product W x: from the codes inside a compiled graph (where the expansion fuses
+        into the product), else from the weight, which may be packed (packing.py)."""
+        if self.codes is not None and torch.compiler.is_compiling():
+            return coded_linear(x, self.codes, self.code_scale, self.code_offset)
+        return linear(x, self.weight)
+
+    def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The layer's output from the frozen product ``y`` = W x computed elsewhere (a fused product
+        of several layers: coded.CodedProduct): bias, LoRA and scale added as forward does."""
+        return self._tuned(x, y if self.bias is None else y + self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = linear(x, self.weight, self.bias)  # the frozen weight may be packed (packing.py)
+        if self.codes is not None and torch.compiler.is_compiling():
+            return self.finish(x, coded_linear(x, self.codes, self.code_scale, self.code_offset))
+        return self._tuned(x, linear(x, self.weight, self.bias))  # bias inside the product (addmm)
+
+    def _tuned(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.lora_a is not None:
             y = y + F.linear(F.linear(x, self.lora_a), self.lora_b)
         if self.scale is not None:

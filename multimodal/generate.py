@@ -96,13 +96,44 @@ def sample(logits: torch.Tensor, temperature: float, top_p: float, generator: to
 
 
 def compile_step(llama: Transformer) -> Callable[..., torch.Tensor]:
-    """``llama.step`` through torch.compile: one graph for every position (fixed shapes), replayed as a
-    CUDA graph on a GPU ("reduce-overhead"). Needs plain weights: inductor picks its own CPU kernels."""
+    """``llama.step`` through torch.compile: one graph for every position (fixed shapes, but for the
+    length of ``visible`` when the caller marks it dynamic: :class:`StepRunner`), replayed as a CUDA
+    graph on a GPU ("reduce-overhead"). Needs plain weights: inductor picks its own CPU kernels (and
+    reads GGUF codes where the model keeps them: coded.py).
+
+    Guards on the model's modules are skipped: after loading nothing changes a module's structure,
+    and checking a few hundred parameters before every call costs about 2 ms a token on a CPU, as
+    much as a tenth of a SmolLM2 step. Parameters are still read at each call, so an adapter swapped
+    in (swap.py exchanges tensor data) is seen."""
     if any(p.is_mkldnn for p in llama.parameters()):
         raise ValueError("compile needs plain weights: load the model with pack=False "
                          "(inductor chooses its own CPU kernels)")
     mode = "reduce-overhead" if llama.output.weight.device.type == "cuda" else None
-    return torch.compile(llama.step, fullgraph=True, dynamic=False, mode=mode)
+    options = {"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe}
+    return torch.compile(llama.step, fullgraph=True, dynamic=False, mode=mode, options=options)
+
+
+VISIBLE_BLOCK = 128  # a compiled CPU step attends over the cache's first multiple of this many positions
+
+
+class StepRunner:
+    """Calls a compiled step for a position the host knows. On a CPU it passes the visible prefix
+    (``pos + 1`` rounded up to VISIBLE_BLOCK, its length marked dynamic: one graph for all of them), so
+    attention reads only the filled part of the cache; on a GPU the whole cache, whose one fixed
+    shape CUDA graphs need."""
+
+    def __init__(self, step: Callable[..., torch.Tensor], device: torch.device, max_seq_len: int) -> None:
+        self.step, self.max_seq_len = step, max_seq_len
+        self.positions = torch.arange(max_seq_len, device=device) if device.type == "cpu" else None
+
+    def __call__(self, token: torch.Tensor, pos_tensor: torch.Tensor, pos: int,
+                 prompts: list[PromptKV | None] | None) -> torch.Tensor:
+        if self.positions is None:
+            return self.step(token, pos_tensor, prompts)
+        length = min(self.max_seq_len, (pos // VISIBLE_BLOCK + 1) * VISIBLE_BLOCK)
+        visible = self.positions[:length]  # [T]
+        torch._dynamo.mark_dynamic(visible, 0, min=2, max=self.max_seq_len)
+        return self.step(token, pos_tensor, prompts, visible)
 
 
 def image_key(image: Image.Image) -> str:
@@ -169,7 +200,7 @@ class Engine:
         self._kv_prompts: list[PromptKV | None] | None = None
         self._kv_adapter: object = None
         self.overlap_decode: bool | None = None  # None: queue the next step before reading an id on CUDA only
-        self._step = compile_step(self.model.llama) if compile else None
+        self._step = StepRunner(compile_step(self.model.llama), self.model.device, self.max_seq_len) if compile else None
         self.prompt_format = prompt_format(self.tokenizer, visual=self.sees_images)
 
     @property
@@ -208,7 +239,7 @@ class Engine:
             for image in images:
                 prompts = self._image_prompts(image, None)
                 for i in range(calls):
-                    self._step(token, torch.tensor([i], device=device), prompts)
+                    self._step(token, torch.tensor([i], device=device), i, prompts)
             self._forget()
         return time.perf_counter() - start
 
@@ -292,7 +323,7 @@ class Engine:
         def decode(token: torch.Tensor) -> torch.Tensor:  # token [1] -> logits [1, vocab] at position pos
             if step_pos is None:
                 return llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
-            out = self._step(token.view(1, 1), step_pos, prompts)
+            out = self._step(token.view(1, 1), step_pos, pos, prompts)
             step_pos.add_(1)
             return out
 

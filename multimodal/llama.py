@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .adapter import AdaptedLinear, PromptGate, PromptKV
+from .coded import CodedProduct
 from .config import AdapterConfig, LlamaConfig, RopeScaling
-from .packing import linear
 
 
 class RMSNorm(nn.Module):
@@ -63,30 +63,39 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values of one layer, written in place: [B, n_kv_heads, max_seq_len, head_dim]."""
+    """Preallocated keys/values of one layer, written in place: [B, n_kv_heads, max_seq_len + 1, head_dim].
+
+    The one spare position is never written: it keeps every visible prefix a compiled step asks for
+    (at most max_seq_len keys) shorter than the buffer, so the prefix's length stays one symbolic size
+    in the compiled graph instead of specialising on "the whole buffer"."""
 
     def __init__(self, batch: int, max_seq_len: int, n_kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
-        shape = (batch, n_kv_heads, max_seq_len, head_dim)
+        self.max_seq_len = max_seq_len
+        shape = (batch, n_kv_heads, max_seq_len + 1, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v ([B, n_kv_heads, S, head_dim]) at start_pos; return all keys/values so far."""
         batch, end = k.shape[0], start_pos + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache of {self.k.shape[2]}")
+        if end > self.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds the cache of {self.max_seq_len}")
         self.k[:batch, :, start_pos:end] = k
         self.v[:batch, :, start_pos:end] = v
         return self.k[:batch, :, :end], self.v[:batch, :, :end]
 
-    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one token's k, v ([B, n_kv_heads, 1, head_dim], B the cache's batch) at the device-side
-        position ``pos`` ([1] long); return the whole cache, whose shape never changes."""
+        position ``pos`` ([1] long); return the cache's first ``len(visible)`` positions (all of it
+        when None): [B, n_kv_heads, T, head_dim]."""
         self.k.index_copy_(2, pos, k)
         self.v.index_copy_(2, pos, v)
-        return self.k, self.v
+        if visible is None:
+            return self.k, self.v
+        return self.k[:, :, :visible.shape[0]], self.v[:, :, :visible.shape[0]]
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int) -> torch.Tensor:
@@ -103,9 +112,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_po
 
 
 def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """One new query at position ``pos`` ([1] long, on the device) over the whole fixed-length cache,
-    keys after ``pos`` masked out. Shapes do not depend on the position, so one compiled (or CUDA-graph
-    captured) step serves every position. q: [B, H, 1, D]; k, v: [B, Hkv, T, D]."""
+    """One new query at position ``pos`` ([1] long, on the device) over T cached positions (the whole
+    cache, or a visible prefix of it), keys after ``pos`` masked out. Shapes do not depend on the
+    position, so one compiled (or CUDA-graph captured) step serves every position.
+    q: [B, H, 1, D]; k, v: [B, Hkv, T, D]."""
     mask = (torch.arange(k.shape[2], device=q.device) <= pos)[None, :]  # [1, T]: the one query row
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
@@ -122,24 +132,30 @@ class Attention(nn.Module):
         self.wo = AdaptedLinear(self.n_heads * self.head_dim, cfg.dim, **tuned)
         self.prompt_gate = PromptGate(self.n_heads, acfg.new_gate) if prompted else None
         self.kv_cache: KVCache | None = None
+        self.fused_qkv: CodedProduct | None = None  # GGUF codes of wq, wk, wv stacked (coded.attach_codes)
 
     def prompt_kv(self, prompt: torch.Tensor) -> PromptKV:
         """Keys/values of a raw prompt ([B, P, dim]) through this layer's frozen wk/wv: no norm, no
         RoPE (prompts hold no position), no LoRA."""
         b, p, _ = prompt.shape
-        k = linear(prompt, self.wk.weight).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = linear(prompt, self.wv.weight).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        k = self.wk.base(prompt).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv.base(prompt).view(b, p, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return PromptKV(k, v, self.prompt_gate().to(prompt.dtype))
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor,
-                prompt: PromptKV | None) -> torch.Tensor:
+                prompt: PromptKV | None, visible: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
-        q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), rope)
-        k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), rope)
-        v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
+        if self.fused_qkv is not None and torch.compiler.is_compiling():
+            yq, yk, yv = self.fused_qkv(x)
+            xq, xk, xv = self.wq.finish(x, yq), self.wk.finish(x, yk), self.wv.finish(x, yv)
+        else:
+            xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
+        q = apply_rope(xq.view(b, s, self.n_heads, self.head_dim), rope)
+        k = apply_rope(xk.view(b, s, self.n_kv_heads, self.head_dim), rope)
+        v = xv.view(b, s, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, S, D]
         if isinstance(start_pos, torch.Tensor):  # Transformer.step: one token, fixed shapes
-            k, v = self.kv_cache.write_at(start_pos, k, v)
+            k, v = self.kv_cache.write_at(start_pos, k, v, visible)
             out = step_attention(q, k, v, start_pos)  # [B, H, 1, D]
         else:
             if self.kv_cache is not None:
@@ -160,8 +176,12 @@ class FeedForward(nn.Module):
         self.w1 = AdaptedLinear(cfg.dim, hidden, **tuned)
         self.w2 = AdaptedLinear(hidden, cfg.dim, **tuned)
         self.w3 = AdaptedLinear(cfg.dim, hidden, **tuned)
+        self.fused_w13: CodedProduct | None = None  # GGUF codes of w1, w3 stacked (coded.attach_codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_w13 is not None and torch.compiler.is_compiling():
+            y1, y3 = self.fused_w13(x)
+            return self.w2(F.silu(self.w1.finish(x, y1)) * self.w3.finish(x, y3))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
 
@@ -174,8 +194,8 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg, acfg)
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor,
-                prompt: PromptKV | None) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), rope, start_pos, prompt)
+                prompt: PromptKV | None, visible: torch.Tensor | None = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), rope, start_pos, prompt, visible)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -237,14 +257,20 @@ class Transformer(nn.Module):
             h = h[:, -1]
         return self.output(self.norm(h)).float()
 
-    def step(self, token: torch.Tensor, pos: torch.Tensor, prompts: list[PromptKV | None] | None = None) -> torch.Tensor:
+    def step(self, token: torch.Tensor, pos: torch.Tensor, prompts: list[PromptKV | None] | None = None,
+             visible: torch.Tensor | None = None) -> torch.Tensor:
         """One decoding step with fixed shapes: token [B, 1] at device-side position ``pos`` ([1] long)
         -> float logits [B, vocab]. Same result as ``forward(token, int(pos), prompts, last_only=True)``,
         but nothing depends on the position's value on the host: no slicing by it, no host check (the
-        caller keeps pos < max_seq_len), attention over the whole cache with later keys masked. That is
-        what lets ``torch.compile`` / CUDA graphs reuse one step for the whole answer."""
+        caller keeps pos < max_seq_len), attention over the cache with later keys masked. That is
+        what lets ``torch.compile`` / CUDA graphs reuse one step for the whole answer.
+
+        ``visible`` ([T] any dtype, T > pos, at most max_seq_len; None: the whole cache) limits
+        attention to the cache's first T positions; only its length is used. A compiled step with
+        that length marked dynamic serves every T with one graph (Engine passes T rounded up to a
+        multiple of 128), so early tokens do not pay for attending over the whole context."""
         rope = self.rope.index_select(0, pos)  # [1, D/2, 2]
         h = self.tok_embeddings(token)  # [B, 1, dim]
         for i, layer in enumerate(self.layers):
-            h = layer(h, rope, pos, prompts[i] if prompts is not None else None)
+            h = layer(h, rope, pos, prompts[i] if prompts is not None else None, visible)
         return self.output(self.norm(h[:, -1])).float()

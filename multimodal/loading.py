@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from .adapter import is_base, is_trainable, merge_lora_into_weights
+from .coded import attach_codes
 from .checkpoint import (AdapterCheckpoint, CheckpointError, StateDict, clip_config_from_state, ours_to_official,
                          preview_names, read_adapter, read_meta_llama, read_openai_clip_visual)
 from .config import AdapterConfig, LlamaConfig, ModelConfig, build_preset
@@ -271,7 +272,7 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike |
                preset: str = "official-7b", device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, max_seq_len: int | None = None, bgr: bool | None = None,
                quantize: str | None = None, lora_rank: int | None = None, pack: bool | None = None,
-               merge_lora: bool = False) -> LoadedModel:
+               merge_lora: bool = False, codes: bool = False) -> LoadedModel:
     """A base (Meta folder, Hugging Face folder or GGUF file: formats.read_base) + OpenAI CLIP file +
     adapter (official file or PEFT AdaptionPrompt folder) -> a ready model.
 
@@ -288,7 +289,9 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike |
     for oneDNN (see packing.py); by default it does where that is faster: bfloat16 on a CPU with
     oneDNN bf16, not quantised. ``merge_lora`` folds the adapter's LoRA into the frozen weights (two
     fewer matrix products per linear layer and step); the model then has no LoRA to train or to swap
-    (see swap.py). Packed and merged models are for inference only."""
+    (see swap.py). Packed and merged models are for inference only. ``codes`` keeps a GGUF file's
+    Q4_0/Q4_1/Q8_0 weights as stored, beside the dense ones, for a compiled float32 decoding step that
+    reads them (coded.py); it needs plain (unpacked, unquantised) weights and no LoRA."""
     target = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype, target)
     if quantize not in (None, "int8"):
@@ -309,9 +312,14 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike |
     clip = read_openai_clip_visual(clip_path) if wants_clip else None
     cfg = model_config_from_files(build_preset(preset, base.config), adapter, clip, lora_rank, adapter_source,
                                   f"CLIP file {clip_path}")
+    codes_of = getattr(weights, "codes", None) if codes else None  # GGUF only
+    if codes and (pack or quantize):
+        raise ValueError("codes need plain weights: pass pack=False and no quantize")
     del base
     model = build_empty(cfg, device, dtype)
     loaded = copy_into(model, _Prefixed(weights, "llama."), base_source)
+    if codes_of is not None:
+        attach_codes(model.llama, codes_of)
     del weights
     if clip is not None:
         loaded |= copy_into(model, _Prefixed(clip, "clip."), f"CLIP file {clip_path}")
@@ -322,7 +330,8 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike |
     if adapter is not None:
         apply_adapter(model, adapter, adapter_source)
     model.eval().requires_grad_(False)
-    prepare_language_model(model.llama, target, dtype, merge_lora=merge_lora, pack=pack, quantize=quantize)
+    prepare_language_model(model.llama, target, dtype, merge_lora=merge_lora, pack=False if codes else pack,
+                           quantize=quantize)
     if quantize == "int8":
         from .quantize import quantize_int8
 

@@ -93,7 +93,8 @@ class ModelOptions:
         loaded = load_model(base, self.tokenizer, clip, adapter, preset=self.preset, device=self.device,
                             dtype=self.dtype or self._default_dtype(choice),
                             max_seq_len=self.max_seq_len or self._default_context(choice),
-                            bgr=self.bgr, quantize=self.quantize, pack=self._pack, merge_lora=self.merge_lora)
+                            bgr=self.bgr, quantize=self.quantize, pack=self._pack, merge_lora=self.merge_lora,
+                            codes=self._codes(base, adapter))
         if choice == "official":
             card = official_card(adapter_name)
         elif choice == "smollm2":
@@ -152,6 +153,12 @@ class ModelOptions:
     def _pack(self) -> bool | None:
         """Compiled steps and oneDNN-packed weights exclude each other (inductor needs plain weights)."""
         return False if self.compile else None
+
+    def _codes(self, base: Path, adapter: Path | None) -> bool:
+        """A compiled step reads a GGUF file's 4/8-bit codes instead of float32 weights (coded.py):
+        the same weights, a quarter of the bytes per token. Not with LoRA (merged weights differ from
+        the file's) nor int8."""
+        return self.compile and self.quantize is None and base.suffix == ".gguf" and adapter is None
 
     def load_demo(self) -> LoadedModel:
         d = demo_dir(self.weights_dir)

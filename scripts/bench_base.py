@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="transformers' precisions, comma-separated; its float32 is the reference of the token check")
     p.add_argument("--prompt", choices=("short", "long"), default="short",
                    help="the chat: short (about 50 tokens with SmolLM2's template) or long (about 256)")
+    p.add_argument("--compile", action="store_true",
+                   help="also ours in float32 with the compiled decoding step (Engine(compile=True)), which reads a "
+                        "GGUF file's Q4_0/Q4_1/Q8_0 codes instead of dequantized weights (multimodal/coded.py)")
     p.add_argument("--llama-cpp", action="store_true",
                    help=f"with --base FILE.gguf: also llama.cpp on the same file ({llamacpp_worker.INSTALL})")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens per run, the first included; EOS ignored")
@@ -144,6 +147,8 @@ def compare_decoding(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     common = {"base": str(a.base), "threads": a.threads, "ids": ids, "new_tokens": a.new_tokens,
               "max_seq_len": len(ids) + a.new_tokens + 8, "profile_steps": a.profile_steps}
     specs = {f"ours-{d}": Spec(kind="ours", dtype=d, **common) for d in our_dtypes(a.dtypes)}
+    if a.compile:
+        specs["ours-float32-compiled"] = Spec(kind="ours", dtype="float32", compile=True, **common)
     for d in dict.fromkeys(["float32", *our_dtypes(a.hf_dtypes)]):  # float32 always: the token check's reference
         specs[f"transformers-{d}"] = Spec(kind="hf", dtype=d, messages=messages if d == "float32" else [], **common)
     if a.llama_cpp:  # the same ids: all three prefill the same tokens

@@ -27,6 +27,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFReader, ReaderTensor
 from gguf.quants import dequantize
 
+from ..coded import GroupCodes, read_codes
 from ..config import LlamaConfig, RopeScaling
 from ..llama import scale_frequencies
 from . import BaseFiles, BaseFormatError, one_line
@@ -237,6 +238,14 @@ class GGUFWeights(Mapping[str, torch.Tensor]):
         if key == "output.weight" and self.cfg.tie_embeddings:
             key = "tok_embeddings.weight"
         return dequantize_tensor(self._where[key])  # q/k rows: already Meta's order (module docstring)
+
+    def codes(self, key: str) -> GroupCodes | None:
+        """The tensor's codes as stored (coded.py), or None for a type kept only dense."""
+        if key == "output.weight" and self.cfg.tie_embeddings:
+            key = "tok_embeddings.weight"
+        t = self._where[key]
+        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+        return read_codes(t.data, t.tensor_type, shape) if len(shape) == 2 else None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._names)

@@ -48,7 +48,7 @@ def decode_section(d: dict[str, Any]) -> list[str]:
                      for m in models.values()) + " |",
         "| ratio to transformers in the same dtype | "
         + " | ".join(f"{m['ratio_vs_transformers_same_dtype']:.2f}" if "ratio_vs_transformers_same_dtype" in m
-                     else f"{m['ratio_vs_transformers']:.2f}" if name == "ours-float32" else "—"
+                     else f"{m['ratio_vs_transformers']:.2f}" if name.startswith("ours-float32") else "—"
                      for name, m in models.items()) + " |",
         "| RSS after imports (MiB) | " + " | ".join(mib(m["rss_start_mib"]) for m in models.values()) + " |",
         "| RSS after loading (MiB) | " + " | ".join(mib(m["rss_loaded_mib"]) for m in models.values()) + " |",

@@ -37,6 +37,7 @@ class Spec:
     max_seq_len: int = 256
     profile_steps: int = 0  # decode steps to run under torch.profiler after the timed runs
     messages: list[dict[str, str]] = field(default_factory=list)  # the chat the ids were made from
+    compile: bool = False  # ours: the compiled step, reading a GGUF's codes (as Engine(compile=True) with --compile)
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)))
@@ -151,7 +152,8 @@ class OursBaseWorker(GreedyRuns):
         self.info["read_s"] = time.perf_counter() - t0
         del files
         t0 = time.perf_counter()
-        loaded = load_model(spec.base, device="cpu", dtype=spec.dtype, max_seq_len=spec.max_seq_len)
+        compiled = {"pack": False, "codes": Path(spec.base).suffix == ".gguf"} if spec.compile else {}
+        loaded = load_model(spec.base, device="cpu", dtype=spec.dtype, max_seq_len=spec.max_seq_len, **compiled)
         self.info["load_s"] = time.perf_counter() - t0
         self.model = loaded.model
         params = list(self.model.parameters())
@@ -160,14 +162,20 @@ class OursBaseWorker(GreedyRuns):
                       "has_vision": self.model.has_vision}
         self.model.llama.setup_cache(batch=1)
         self.ids = torch.tensor([spec.ids])
+        self.step = None
+        if spec.compile:
+            from multimodal.generate import StepRunner, compile_step
+
+            self.step = StepRunner(compile_step(self.model.llama), torch.device("cpu"), spec.max_seq_len)
+            self.info["coded_linears"] = sum(getattr(m, "codes", None) is not None for m in self.model.modules())
         t0 = time.perf_counter()
-        self._generate(min(spec.new_tokens, 8))  # allocator, oneDNN plans
+        self._generate(min(spec.new_tokens, 8))  # allocator, oneDNN plans; compiles the step
         self.info["warmup_s"] = time.perf_counter() - t0
         self.tokens: list[list[int]] = []
 
     def _generate(self, n: int) -> tuple[dict[str, float], list[int]]:
         phases, _, token, _ = ours_first_token(self.model, self.ids, None)
-        decode_s, out = ours_decode(self.model, token, self.ids.shape[1], n - 1, None)
+        decode_s, out = ours_decode(self.model, token, self.ids.shape[1], n - 1, None, self.step)
         return phases | {"decode": decode_s}, [int(token)] + out
 
     def finish(self) -> dict[str, Any]:
@@ -176,8 +184,13 @@ class OursBaseWorker(GreedyRuns):
             llama, token = self.model.llama, torch.tensor([[self.spec.ids[-1]]])
             pos = self.ids.shape[1]
             with torch.inference_mode():
-                out["profile"] = profile_table(lambda: llama(token, start_pos=pos, last_only=True).argmax(-1),
-                                               self.spec.profile_steps)
+                if self.step is not None:
+                    step_pos = torch.tensor([pos])
+                    out["profile"] = profile_table(lambda: self.step(token, step_pos, pos, None).argmax(-1),
+                                                   self.spec.profile_steps)
+                else:
+                    out["profile"] = profile_table(lambda: llama(token, start_pos=pos, last_only=True).argmax(-1),
+                                                   self.spec.profile_steps)
         return out
 
 

@@ -119,7 +119,8 @@ def ours_first_token(model: Any, ids: torch.Tensor, pixels: torch.Tensor | None)
 def ours_decode(model: Any, token: torch.Tensor, start: int, steps: int, prompts: Any,
                 step: Any = None) -> tuple[float, list[int]]:
     """``steps`` greedy decode steps through the KV cache, reading each id on the host. ``step``: the
-    compiled ``llama.step`` (fixed shapes, position kept on the device), as Engine(compile=True) runs."""
+    compiled ``llama.step`` in its StepRunner (fixed shapes, position kept on the device), as
+    Engine(compile=True) runs it."""
     from multimodal.generate import sample
 
     device = token.device
@@ -129,7 +130,7 @@ def ours_decode(model: Any, token: torch.Tensor, start: int, steps: int, prompts
     t0 = time.perf_counter()
     for _ in range(steps):
         if step is not None:
-            logits = step(token.view(1, 1), step_pos, prompts)
+            logits = step(token.view(1, 1), step_pos, pos, prompts)
             step_pos.add_(1)
         else:
             logits = model.llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)

@@ -32,7 +32,7 @@ class OursWorker:
     variants = ("adapter", "plain")
 
     def __init__(self, a: argparse.Namespace, cfg: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
-        from multimodal.generate import compile_step
+        from multimodal.generate import StepRunner, compile_step
         from multimodal.loading import build_empty, prepare_language_model
 
         self.device, self.new_tokens = device, a.new_tokens
@@ -56,7 +56,7 @@ class OursWorker:
             self._quantize(device)
         self.step = None
         if a.compile:  # as Engine(compile=True), on the model as it will be timed (int8 included)
-            self.step = compile_step(model.llama)
+            self.step = StepRunner(compile_step(model.llama), device, cfg.llama.max_seq_len)
             self._check_compiled()
         self.warm: set[str] = set()
         self.warmup_s: dict[str, float] = {}
