@@ -63,8 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--auth", default=env("MM_AUTH"), help="require a login, user:password (env MM_AUTH)")
     s.add_argument("--auth-file", default=env("MM_AUTH_FILE"), help="file of user:password lines (env MM_AUTH_FILE)")
     s.add_argument("--concurrency", type=int, default=int(env("MM_CONCURRENCY", "2")),
-                   help="requests processed at once; the model itself serves one at a time and the rest queue "
-                        "(env MM_CONCURRENCY)")
+                   help="requests processed at once; without --batch the model serves one at a time and the rest "
+                        "queue (env MM_CONCURRENCY)")
+    s.add_argument("--batch", type=int, default=int(env("MM_BATCH", "1")), metavar="N",
+                   help="decode up to N requests together, one forward per step for all of them (continuous "
+                        "batching; the page and the API share it); page requests processed at once become at "
+                        "least N (env MM_BATCH)")
     s.add_argument("--queue-size", type=int, default=int(env("MM_QUEUE_SIZE", "64")),
                    help="requests that may wait; more are refused with 'queue full' (env MM_QUEUE_SIZE)")
     s.add_argument("--max-upload-mb", type=int, default=int(env("MM_MAX_UPLOAD_MB", "25")), help="env MM_MAX_UPLOAD_MB")
@@ -206,7 +210,7 @@ def build_app(args: argparse.Namespace, experts_on: list[str] | None = None) -> 
     """The app as `python -m app` serves it (model, experts, settings) from parsed arguments; also what
     scripts use to ask questions through the page's own code path (scripts/eval_photos.py)."""
     on = parse_experts(args.experts_on) if experts_on is None else experts_on
-    options = keep_lora_swappable(args, options_from_args(args))
+    options = replace(keep_lora_swappable(args, options_from_args(args)), batch=max(1, args.batch))
     engine, load_error = load_engine(options)
     if load_error:
         log.warning("serving without a model: %s", load_error)
@@ -237,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
 
     app = build_app(args, on)
     demo = build_demo(app)
-    demo.queue(default_concurrency_limit=args.concurrency, max_size=args.queue_size)
+    demo.queue(default_concurrency_limit=max(args.concurrency, args.batch), max_size=args.queue_size)
     routes = None
     if not args.no_api:
         from .openai_api import ApiSettings, api_routes

@@ -7,6 +7,8 @@ whose output is scaled by a zero-initialised gate and added before ``wo``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -53,11 +55,13 @@ def rope_table(head_dim: int, n_positions: int, theta: float, device: torch.devi
 def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) as Meta's complex formulation does, in fp32.
 
-    x: [B, S, H, D]; table: [S, D // 2, 2].
+    x: [B, S, H, D]; table: [S, D // 2, 2], or [B, S, D // 2, 2] for positions that differ by row.
     """
     xf = x.float().unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2]
     x0, x1 = xf.unbind(-1)  # [B, S, H, D/2] each
-    cos, sin = table[None, :, None, :, 0], table[None, :, None, :, 1]  # [1, S, 1, D/2]
+    if table.dim() == 3:
+        table = table[None]  # [1, S, D/2, 2]
+    cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]  # [B or 1, S, 1, D/2]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # [B, S, H, D/2, 2]
     return out.flatten(-2).type_as(x)
 
@@ -77,6 +81,16 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    def rows(self, start: int, n: int) -> "KVCache":
+        """A cache over rows start..start+n of this one (views: writes land here), e.g. one request's
+        slot of a batched cache."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.max_seq_len = self.max_seq_len
+        view.register_buffer("k", self.k[start:start + n], persistent=False)
+        view.register_buffer("v", self.v[start:start + n], persistent=False)
+        return view
+
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store k, v ([B, n_kv_heads, S, head_dim]) at start_pos; return all keys/values so far."""
         batch, end = k.shape[0], start_pos + k.shape[2]
@@ -89,10 +103,15 @@ class KVCache(nn.Module):
     def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  visible: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Store one token's k, v ([B, n_kv_heads, 1, head_dim], B the cache's batch) at the device-side
-        position ``pos`` ([1] long); return the cache's first ``len(visible)`` positions (all of it
-        when None): [B, n_kv_heads, T, head_dim]."""
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
+        position ``pos`` ([1] long: every row; [B]: one per row); return the cache's first
+        ``len(visible)`` positions (all of it when None): [B, n_kv_heads, T, head_dim]."""
+        if pos.shape[0] == 1:
+            self.k.index_copy_(2, pos, k)
+            self.v.index_copy_(2, pos, v)
+        else:  # row b at pos[b] (continuous batching: every request at its own length)
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, pos] = k[:, :, 0]  # [B, n_kv_heads, head_dim] at (row, :, pos[row])
+            self.v[rows, :, pos] = v[:, :, 0]
         if visible is None:
             return self.k, self.v
         return self.k[:, :, :visible.shape[0]], self.v[:, :, :visible.shape[0]]
@@ -112,11 +131,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_po
 
 
 def step_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """One new query at position ``pos`` ([1] long, on the device) over T cached positions (the whole
+    """One new query at position ``pos`` ([1] or [B] long, on the device) over T cached positions (the whole
     cache, or a visible prefix of it), keys after ``pos`` masked out. Shapes do not depend on the
     position, so one compiled (or CUDA-graph captured) step serves every position.
     q: [B, H, 1, D]; k, v: [B, Hkv, T, D]."""
-    mask = (torch.arange(k.shape[2], device=q.device) <= pos)[None, :]  # [1, T]: the one query row
+    mask = torch.arange(k.shape[2], device=q.device)[None, :] <= pos[:, None]  # [1 or B, T]: the one query row
+    mask = mask[:, None, None, :]  # [1 or B, 1, 1, T]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
@@ -218,7 +238,9 @@ class Transformer(nn.Module):
     def reset_rope(self) -> None:
         """(Re)compute the RoPE table on the model's device, e.g. after building on the meta device."""
         device = self.tok_embeddings.weight.device
-        self.rope = rope_table(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta, device,
+        # one position more than the context: the KV cache's spare slot, where idle rows of a batched
+        # step write (multimodal/batching.py)
+        self.rope = rope_table(self.config.head_dim, self.config.max_seq_len + 1, self.config.rope_theta, device,
                                self.config.rope_scaling)
 
     def setup_cache(self, batch: int = 1, max_seq_len: int | None = None) -> None:
@@ -229,6 +251,19 @@ class Transformer(nn.Module):
             raise ValueError(f"cache of {length} exceeds max_seq_len {self.config.max_seq_len}")
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, length, self.config.kv_heads, self.config.head_dim, w.dtype, w.device)
+
+    @contextmanager
+    def cache_rows(self, start: int, n: int) -> Iterator[None]:
+        """Run with every layer's cache limited to rows start..start+n (views of the same buffers): a
+        prefill into one slot of a batched cache, or a step over its first n rows."""
+        full = [layer.attention.kv_cache for layer in self.layers]
+        try:
+            for layer, cache in zip(self.layers, full):
+                layer.attention.kv_cache = cache.rows(start, n)
+            yield
+        finally:
+            for layer, cache in zip(self.layers, full):
+                layer.attention.kv_cache = cache
 
     def clear_cache(self) -> None:
         for layer in self.layers:
@@ -259,8 +294,8 @@ class Transformer(nn.Module):
 
     def step(self, token: torch.Tensor, pos: torch.Tensor, prompts: list[PromptKV | None] | None = None,
              visible: torch.Tensor | None = None) -> torch.Tensor:
-        """One decoding step with fixed shapes: token [B, 1] at device-side position ``pos`` ([1] long)
-        -> float logits [B, vocab]. Same result as ``forward(token, int(pos), prompts, last_only=True)``,
+        """One decoding step with fixed shapes: token [B, 1] at device-side position ``pos`` ([1] long,
+        or [B]: each row at its own position) -> float logits [B, vocab]. Same result as ``forward(token, int(pos), prompts, last_only=True)``,
         but nothing depends on the position's value on the host: no slicing by it, no host check (the
         caller keeps pos < max_seq_len), attention over the cache with later keys masked. That is
         what lets ``torch.compile`` / CUDA graphs reuse one step for the whole answer.
@@ -269,7 +304,7 @@ class Transformer(nn.Module):
         attention to the cache's first T positions; only its length is used. A compiled step with
         that length marked dynamic serves every T with one graph (Engine passes T rounded up to a
         multiple of 128), so early tokens do not pay for attending over the whole context."""
-        rope = self.rope.index_select(0, pos)  # [1, D/2, 2]
+        rope = self.rope.index_select(0, pos)[:, None]  # [1 or B, 1, D/2, 2]
         h = self.tok_embeddings(token)  # [B, 1, dim]
         for i, layer in enumerate(self.layers):
             h = layer(h, rope, pos, prompts[i] if prompts is not None else None, visible)

@@ -51,12 +51,19 @@ class ModelOptions:
     quantize: str | None = None  # "int8": weight-only int8 language model (torchao)
     compile: bool = False  # torch.compile the decoding step (CUDA graphs on a GPU); see Engine
     merge_lora: bool = True  # fold LoRA into the frozen weights at load (then no LoRA adapter can be swapped in)
+    batch: int = 1  # > 1: that many requests decode together (continuous batching: multimodal/batching.py)
 
     def engine(self) -> Engine:
         """Load the model and wrap it in an Engine with these options; ``engine.card`` says which it is."""
         from .generate import Engine
 
+        if self.batch > 1 and self.compile:
+            raise ValueError("--batch and --compile cannot be combined yet: the batched step runs eagerly")
         loaded, card = self.load_with_card()
+        if self.batch > 1:
+            from .batching import BatchEngine
+
+            return BatchEngine(loaded, slots=self.batch, card=card)
         return Engine(loaded, compile=self.compile, card=card)
 
     def load(self) -> LoadedModel:

@@ -198,4 +198,4 @@ def test_build_empty_initialises_only_tuned_parameters() -> None:
     assert torch.count_nonzero(attn.prompt_gate.gate) == 0 and torch.all(attn.prompt_gate.new_gate == 1)
     assert torch.count_nonzero(attn.wq.lora_b) == 0 and torch.count_nonzero(attn.wq.lora_a) > 0
     assert torch.all(attn.wq.scale == 1) and torch.count_nonzero(attn.wo.bias) == 0
-    assert isinstance(model.llama, Transformer) and model.llama.rope.shape == (TINY_LLAMA.max_seq_len, 8, 2)
+    assert isinstance(model.llama, Transformer) and model.llama.rope.shape == (TINY_LLAMA.max_seq_len + 1, 8, 2)  # + the spare cache slot
