@@ -79,6 +79,7 @@ class BatchEngine(Engine):
         self._wake = threading.Condition()
         self._exclusive = threading.Lock()  # held by the scheduler while it touches the model
         self._row_prompts: tuple[tuple[int, ...], list[PromptKV | None] | None] = ((), None)
+        self.step_log: deque[tuple[int, float]] = deque(maxlen=65536)  # (requests stepped, seconds): for benchmarks
         self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self._thread.start()
 
@@ -160,7 +161,9 @@ class BatchEngine(Engine):
                 for req in admitted:
                     self._guard(lambda r=req: self._prefill(r), [req])
                 if self._active:
+                    n, started = len(self._active), time.perf_counter()
                     self._guard(self._decode_step, list(self._active.values()))
+                    self.step_log.append((n, time.perf_counter() - started))
 
     def _guard(self, work: Callable[[], None], reqs: list[_Request]) -> None:
         """Run ``work``; an error ends the requests it concerns (their readers raise it), not the loop."""

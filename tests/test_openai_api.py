@@ -211,3 +211,38 @@ def test_no_model_is_503_and_a_public_server_without_key_refuses(engine: Engine)
     public = ApiSettings(host="0.0.0.0")  # as a public server would be configured; served here on loopback
     with serve_app(make_app(engine), public) as url, httpx.Client(base_url=url, timeout=30) as client:
         assert "--api-key" in error_of(client.get("/v1/models"), 401)
+
+
+# -- the official openai client ------------------------------------------------------------------------------
+
+
+def openai_client(http: httpx.Client, key: str = "unused") -> "Any":
+    openai = pytest.importorskip("openai", reason="the openai package (requirements-test.txt) is not installed")
+    return openai.OpenAI(base_url=f"{http.base_url}v1", api_key=key, max_retries=0, timeout=60)
+
+
+def test_the_openai_client_asks_plain_streamed_and_with_an_image(server: httpx.Client) -> None:
+    client = openai_client(server)
+    assert [m.id for m in client.models.list().data] == ["tiny-test"]
+    plain = client.chat.completions.create(model="tiny-test", messages=[user("What is here?")], temperature=0,
+                                           max_tokens=8)
+    text = plain.choices[0].message.content
+    assert text and plain.choices[0].finish_reason in ("stop", "length") and plain.usage.completion_tokens > 0
+    chunks = client.chat.completions.create(model="tiny-test", messages=[user("What is here?")], temperature=0,
+                                            max_tokens=8, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text  # same greedy answer
+    image = client.chat.completions.create(model="tiny-test", messages=[user("What colour?", png_url())],
+                                           temperature=0, max_tokens=8)
+    assert image.choices[0].message.content
+
+
+def test_the_openai_client_gets_clear_errors(server: httpx.Client, keyed: httpx.Client) -> None:
+    openai = pytest.importorskip("openai", reason="the openai package (requirements-test.txt) is not installed")
+    client = openai_client(server)
+    with pytest.raises(openai.BadRequestError, match="'n' must be 1"):
+        client.chat.completions.create(model="tiny-test", messages=[user("hi")], n=2)
+    not_image = "data:image/png;base64," + base64.b64encode(b"just some text, not a picture").decode()
+    with pytest.raises(openai.BadRequestError, match="not an image"):
+        client.chat.completions.create(model="tiny-test", messages=[user("hi", not_image)])
+    with pytest.raises(openai.AuthenticationError, match="API key"):
+        openai_client(keyed, key="wrong").chat.completions.create(model="tiny-test", messages=[user("hi")])
