@@ -14,7 +14,7 @@ Rows between slots in use that hold no request are fed a dummy token at the cach
 values it holds; a new request goes preferably to the free slot whose ids share the longest prefix
 with its prompt, and prefills only the rest (a follow-up turn of the same chat).
 
-The page and the OpenAI endpoint share one engine; ``stream`` has Engine's signature. Requests with
+The page and the OpenAI endpoint share one engine; ``stream`` and ``token_ids`` have Engine's signatures. Requests with
 another adapter (the caption expert's swap) need the model to themselves: they wait until no batched
 request is in flight and run alone.
 """
@@ -33,10 +33,8 @@ from PIL import Image
 
 from .adapter import PromptKV
 from .card import ModelCard
-from .generate import (VISIBLE_BLOCK, Engine, GenerationStats, PromptTooLongError, SamplingParams, common_prefix,
-                       sample)
+from .generate import VISIBLE_BLOCK, Engine, GenerationStats, SamplingParams, common_prefix, sample
 from .loading import LoadedModel
-from .tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from .swap import AdapterSwap
@@ -85,19 +83,15 @@ class BatchEngine(Engine):
 
     # --- requests ---------------------------------------------------------------------------------------
 
-    def stream(self, prompt: str | list[int], image: Image.Image | None = None,
-               params: SamplingParams = SamplingParams(), cancel: threading.Event | None = None,
-               stats: GenerationStats | None = None, prompts: list[PromptKV | None] | None = None,
-               adapter: "AdapterSwap | None" = None) -> Iterator[str]:
+    def token_ids(self, prompt: str | list[int], image: Image.Image | None = None,
+                  params: SamplingParams = SamplingParams(), cancel: threading.Event | None = None,
+                  stats: GenerationStats | None = None, prompts: list[PromptKV | None] | None = None,
+                  adapter: "AdapterSwap | None" = None) -> Iterator[int]:
         if adapter is not None:  # swaps weights: the model to itself, no batched request in flight
             yield from self._alone(prompt, image, params, cancel, stats, prompts, adapter)
             return
-        ids = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos) if isinstance(prompt, str) else list(prompt)
-        room = self.max_seq_len - len(ids)
-        if room < 1:
-            raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the model's context holds {self.max_seq_len}")
         stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = len(ids)
+        ids, room = self.prompt_ids(prompt, stats)
         if prompts is None:
             with self._lock:  # the image cache
                 prompts = self._image_prompts(image, None)
@@ -107,26 +101,20 @@ class BatchEngine(Engine):
         with self._wake:
             self._waiting.append(req)
             self._wake.notify()
-        decoder = StreamDecoder(self.tokenizer)
         try:
             while True:
                 item = req.out.get()
                 if item is _DONE:
-                    break
+                    return
                 if isinstance(item, BaseException):
                     raise item
-                piece = decoder.push(item)
-                if piece:
-                    yield piece
-            tail = decoder.flush()
-            if tail:
-                yield tail
+                yield item  # type: ignore[misc]
         finally:
             req.cancel.set()  # a reader that stops early (closed stream, error) frees the slot at the next step
 
     def _alone(self, prompt: str | list[int], image: Image.Image | None, params: SamplingParams,
                cancel: threading.Event | None, stats: GenerationStats | None,
-               prompts: list[PromptKV | None] | None, adapter: "AdapterSwap") -> Iterator[str]:
+               prompts: list[PromptKV | None] | None, adapter: "AdapterSwap") -> Iterator[int]:
         while True:
             with self._exclusive:
                 with self._wake:
@@ -135,7 +123,7 @@ class BatchEngine(Engine):
                     with self.model.llama.cache_rows(0, 1):  # Engine's batch-1 path in row 0
                         self._slot_ids[0], self._slot_prompts[0] = [], None
                         self._kv_ids, self._kv_prompts, self._kv_adapter = [], None, None
-                        yield from super().stream(prompt, image, params, cancel, stats, prompts, adapter)
+                        yield from super().token_ids(prompt, image, params, cancel, stats, prompts, adapter)
                         self._kv_ids, self._kv_prompts, self._kv_adapter = [], None, None
                     return
             time.sleep(0.005)

@@ -276,21 +276,33 @@ class Engine:
                adapter: "AdapterSwap | None" = None) -> Iterator[str]:
         """Yield text pieces as tokens are decoded. ``prompts`` may carry precomputed image prompts
         (for the adapter in use); ``adapter`` swaps another adapter in for this request only."""
+        decoder = StreamDecoder(self.tokenizer)
+        for token in self.token_ids(prompt, image, params, cancel, stats, prompts, adapter):
+            piece = decoder.push(token)
+            if piece:
+                yield piece
+        tail = decoder.flush()
+        if tail:
+            yield tail
+
+    def prompt_ids(self, prompt: str | list[int], stats: GenerationStats) -> tuple[list[int], int]:
+        """The prompt's token ids and the room left for the answer; a prompt that leaves none is refused."""
         ids = self.tokenizer.encode(prompt, bos=self.tokenizer.add_bos) if isinstance(prompt, str) else list(prompt)
         room = self.max_seq_len - len(ids)
         if room < 1:
             raise PromptTooLongError(f"the prompt has {len(ids)} tokens; the model's context holds {self.max_seq_len}")
-        stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
-        decoder = StreamDecoder(self.tokenizer)
+        return ids, room
+
+    def token_ids(self, prompt: str | list[int], image: Image.Image | None = None,
+                  params: SamplingParams = SamplingParams(), cancel: threading.Event | None = None,
+                  stats: GenerationStats | None = None, prompts: list[PromptKV | None] | None = None,
+                  adapter: "AdapterSwap | None" = None) -> Iterator[int]:
+        """As :meth:`stream`, the answer's token ids (stop tokens not included)."""
+        stats = stats if stats is not None else GenerationStats()
+        ids, room = self.prompt_ids(prompt, stats)
         with self._lock, (adapter.applied() if adapter is not None else nullcontext()):
-            for token in self._tokens(ids, image, prompts, adapter, min(params.max_new_tokens, room), params, cancel, stats):
-                piece = decoder.push(token)
-                if piece:
-                    yield piece
-            tail = decoder.flush()
-            if tail:
-                yield tail
+            yield from self._tokens(ids, image, prompts, adapter, min(params.max_new_tokens, room), params, cancel, stats)
 
     def complete(self, prompt: str | list[int], image: Image.Image | None = None,
                  params: SamplingParams = SamplingParams(), stats: GenerationStats | None = None) -> str:
