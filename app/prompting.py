@@ -121,14 +121,17 @@ EXAMPLES = ((_EXAMPLE_FINDINGS, "How many people are there?", "There are 3 peopl
             (_EXAMPLE_FINDINGS, "What does the sign say?", 'The sign says "CITY PARK, OPEN 9-5".'))
 
 # style -> (context rendering, ChatTemplateFormat keywords). Scores of each on the real-photo
-# development set are in docs/experts.md; DEFAULT_STYLE is the best of them.
+# development set are in docs/experts.md; DEFAULT_STYLE is the best of them (prose-example-first asks a
+# first question exactly as prose-example does, and makes follow-ups cheaper to prefill).
 PROMPT_STYLES: dict[str, tuple[Callable[[str], str], dict]] = {
     "findings": (lambda c: c, {}),  # the tagged lines ("[ocr] ...") in the user turn
     "system": (lambda c: c, {"context_in": "system"}),  # the tagged lines in the system turn
     "prose": (as_prose, {}),  # one labelled sentence per expert, in the user turn
     "prose-example": (as_prose, {"examples": EXAMPLES}),  # the same, after worked examples
+    # the same, the findings kept with the first question about the image (follow-ups reuse the prefix)
+    "prose-example-first": (as_prose, {"examples": EXAMPLES, "context_in": "first"}),
 }
-DEFAULT_STYLE = "prose-example"
+DEFAULT_STYLE = "prose-example-first"
 
 
 @dataclass

@@ -80,7 +80,12 @@ class AlpacaFormat(PromptFormat):
 class ChatTemplateFormat(PromptFormat):
     """The base's own chat template (ChatML for SmolLM2, Llama 2/3's, ...): a system turn, optional
     worked examples, the earlier turns as user/assistant messages, and the expert context in the user
-    turn before the question (or in the system turn: ``context_in="system"``).
+    turn before the question (or in the system turn: ``context_in="system"``; or with the first question
+    about the image: ``context_in="first"``).
+
+    ``"first"`` keeps the findings where they were first given: in a follow-up they stay in the oldest
+    turn the prompt carries, so the follow-up's prompt extends the previous one token for token and the
+    engine prefills only the new turn (the previous request's keys/values are reused).
 
     ``examples`` are (context, question, answer) exchanges shown before the conversation, so that a
     small model sees once how findings turn into a short answer."""
@@ -89,8 +94,8 @@ class ChatTemplateFormat(PromptFormat):
                  context_in: str = "user", examples: tuple[tuple[str, str, str], ...] = ()) -> None:
         if tokenizer.chat_template is None:
             raise ValueError("this base has no chat template")
-        if context_in not in ("user", "system"):
-            raise ValueError(f"context_in must be 'user' or 'system', not {context_in!r}")
+        if context_in not in ("user", "system", "first"):
+            raise ValueError(f"context_in must be 'user', 'system' or 'first', not {context_in!r}")
         self.tokenizer, self.system, self.context_in, self.examples = tokenizer, system, context_in, examples
 
     @staticmethod
@@ -106,8 +111,12 @@ class ChatTemplateFormat(PromptFormat):
         for ex_context, ex_question, ex_answer in self.examples:
             out += [{"role": "user", "content": self._user(ex_question, ex_context)},
                     {"role": "assistant", "content": ex_answer}]
-        for q, a in history:
-            out += [{"role": "user", "content": q.strip()}, {"role": "assistant", "content": a.strip()}]
+        for i, (q, a) in enumerate(history):
+            first = self.context_in == "first" and i == 0
+            out += [{"role": "user", "content": self._user(q.strip(), context) if first else q.strip()},
+                    {"role": "assistant", "content": a.strip()}]
+        if self.context_in == "first" and history:
+            context = None  # already with the first question
         return out + [{"role": "user", "content": self._user(question.strip(), context)}]
 
     def text(self, question, history=(), context=None) -> str:

@@ -158,6 +158,24 @@ def test_smollm2_runs_from_its_package_with_its_chat_template(smollm2: Engine) -
     assert findings in plan.prompt.split("<|im_start|>user\n")[-1] and "ROMA" in findings
 
 
+def test_a_follow_up_prompt_extends_the_first_so_its_prefix_is_reused(smollm2: Engine) -> None:
+    """The default prompt style keeps the findings with the first question about the image: a first
+    question is asked as with the findings in the latest turn, and the follow-up's ids begin with the
+    first request's ids followed by its answer, so the engine prefills only the new turn."""
+    from app.prompting import DEFAULT_STYLE, prompting_for
+
+    assert DEFAULT_STYLE == "prose-example-first"
+    first, latest = prompting_for(smollm2.prompt_format), prompting_for(smollm2.prompt_format, "prose-example")
+    findings = first.render("[ocr] ROMA\n[detection] 2 people")
+    assert first.format.ids("Where is this?", [], findings) == latest.format.ids("Where is this?", [], findings)
+    ids1 = first.format.ids("Where is this?", [], findings)
+    ids2 = first.format.ids("How many people?", [("Where is this?", "In Rome.")], findings)
+    assert ids2[:len(ids1)] == ids1 and smollm2.tokenizer.decode(ids2[len(ids1):]).startswith("In Rome.")
+    assert smollm2.tokenizer.decode(ids2).count("ROMA") == 1  # the findings once, in the first turn
+    moved = latest.format.ids("How many people?", [("Where is this?", "In Rome.")], findings)
+    assert moved[:len(ids1)] != ids1  # the other style moves them to the latest turn: the prefix breaks
+
+
 def test_chat_template_ids_equal_transformers_for_a_conversation(smollm2: Engine) -> None:
     pytest.importorskip("gguf")
     path = packaged("smollm2-135m-instruct").path()
