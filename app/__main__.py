@@ -232,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if args.batch > 1 and args.compile:
+        parser.error("--batch and --compile cannot be combined yet (the batched step runs eagerly): choose one")
     try:
         auth = parse_auth(args.auth, args.auth_file)
         parse_experts(args.experts)

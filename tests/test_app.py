@@ -16,6 +16,7 @@ from gradio_client import Client, handle_file
 from PIL import Image
 
 from app.__main__ import build_parser, launch, load_engine, parse_auth, parse_experts
+from app.__main__ import main as app_main
 from multimodal.options import options_from_args
 from app.chat import AppConfig, ChatApp, ChatError
 from app.prompting import PromptBudgetError, assemble
@@ -391,6 +392,9 @@ def test_flags_and_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) 
     monkeypatch.setenv("MM_COMPILE", "1")
     assert options_from_args(build_parser().parse_args([])).compile
     assert options_from_args(build_parser().parse_args(["--compile", "--quantize", "int8"])).quantize == "int8"
+    assert build_parser().parse_args([]).batch == 1 and build_parser().parse_args(["--batch", "8"]).batch == 8
+    with pytest.raises(SystemExit):  # argparse's error: one line naming both flags, exit status 2
+        app_main(["--batch", "4", "--compile"])
     assert parse_experts("caption, ocr") == ["caption", "ocr"] and parse_experts("none") == []
     with pytest.raises(ValueError, match="unknown expert"):
         parse_experts("ocr,magic")
