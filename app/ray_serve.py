@@ -88,11 +88,10 @@ def deploy(app_argv: list[str], replicas: int = 2, host: str = "127.0.0.1", port
     from ray import serve
 
     if not ray.is_initialized():
-        local = address is None
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
-                 **({"_node_ip_address": "127.0.0.1", "num_cpus": max(os.cpu_count() or 1, int(replicas *
-                                                                                             cpus_per_replica))}
-                    if local else {}))
+        # a local Ray stays on loopback and offers at least the CPUs the replicas ask for
+        local = {} if address is not None else {
+            "_node_ip_address": "127.0.0.1", "num_cpus": max(os.cpu_count() or 1, int(replicas * cpus_per_replica))}
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
     serve.start(http_options={"host": host, "port": port})
     api = {"api_key": api_key, "host": host, "max_upload_bytes": max_upload_mb * 2**20}
     deployment = replica_class().options(num_replicas=replicas, max_ongoing_requests=max_ongoing,

@@ -33,7 +33,7 @@ from PIL import Image
 
 from .adapter import PromptKV
 from .card import ModelCard
-from .generate import VISIBLE_BLOCK, Engine, GenerationStats, SamplingParams, common_prefix, sample
+from .generate import Engine, GenerationStats, SamplingParams, common_prefix, sample, visible_length
 from .loading import LoadedModel
 
 if TYPE_CHECKING:
@@ -78,6 +78,7 @@ class BatchEngine(Engine):
         self._exclusive = threading.Lock()  # held by the scheduler while it touches the model
         self._row_prompts: tuple[tuple[int, ...], list[PromptKV | None] | None] = ((), None)
         self.step_log: deque[tuple[int, float]] = deque(maxlen=65536)  # (requests stepped, seconds): for benchmarks
+        self._positions = torch.arange(self.max_seq_len, device=self.model.device)  # sliced into each step's visible prefix
         self._thread = threading.Thread(target=self._run, name="batch-engine", daemon=True)
         self._thread.start()
 
@@ -194,8 +195,7 @@ class BatchEngine(Engine):
         tokens = [self._active[r].token if r in self._active else 0 for r in range(rows)]
         positions = [self._active[r].pos if r in self._active else spare for r in range(rows)]
         longest = max(self._active[r].pos for r in self._active)
-        visible = torch.arange(min(self.max_seq_len + 1, (longest // VISIBLE_BLOCK + 1) * VISIBLE_BLOCK),
-                               device=device)  # [T]: keys past every row's position are masked anyway
+        visible = self._positions[:visible_length(longest, self.max_seq_len)]  # [T]: later keys are masked anyway
         llama = self.model.llama
         with llama.cache_rows(0, rows):
             logits = llama.step(torch.tensor(tokens, device=device)[:, None], torch.tensor(positions, device=device),

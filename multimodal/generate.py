@@ -113,7 +113,13 @@ def compile_step(llama: Transformer) -> Callable[..., torch.Tensor]:
     return torch.compile(llama.step, fullgraph=True, dynamic=False, mode=mode, options=options)
 
 
-VISIBLE_BLOCK = 128  # a compiled CPU step attends over the cache's first multiple of this many positions
+VISIBLE_BLOCK = 128  # a CPU decoding step attends over the cache's first multiple of this many positions
+
+
+def visible_length(pos: int, max_seq_len: int) -> int:
+    """How many cache positions a step at ``pos`` attends over: pos + 1 rounded up to VISIBLE_BLOCK, at
+    most the context (few distinct lengths: one dynamic-length graph serves them all)."""
+    return min(max_seq_len, (pos // VISIBLE_BLOCK + 1) * VISIBLE_BLOCK)
 
 
 class StepRunner:
@@ -130,8 +136,7 @@ class StepRunner:
                  prompts: list[PromptKV | None] | None) -> torch.Tensor:
         if self.positions is None:
             return self.step(token, pos_tensor, prompts)
-        length = min(self.max_seq_len, (pos // VISIBLE_BLOCK + 1) * VISIBLE_BLOCK)
-        visible = self.positions[:length]  # [T]
+        visible = self.positions[:visible_length(pos, self.max_seq_len)]  # [T]
         torch._dynamo.mark_dynamic(visible, 0, min=2, max=self.max_seq_len)
         return self.step(token, pos_tensor, prompts, visible)
 

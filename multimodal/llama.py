@@ -266,6 +266,7 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = AdaptedLinear(cfg.dim, cfg.vocab_size)  # frozen; AdaptedLinear so it can be packed
         self.register_buffer("rope", torch.empty(0), persistent=False)
+        self._row_views: dict[tuple[int, int], list[KVCache]] = {}  # cache_rows' views, by (start, n)
         self.reset_rope()
 
     def reset_rope(self) -> None:
@@ -284,15 +285,20 @@ class Transformer(nn.Module):
             raise ValueError(f"cache of {length} exceeds max_seq_len {self.config.max_seq_len}")
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(batch, length, self.config.kv_heads, self.config.head_dim, w.dtype, w.device)
+        self._row_views = {}  # cache_rows' views of the old buffers are stale
 
     @contextmanager
     def cache_rows(self, start: int, n: int) -> Iterator[None]:
         """Run with every layer's cache limited to rows start..start+n (views of the same buffers): a
-        prefill into one slot of a batched cache, or a step over its first n rows."""
+        prefill into one slot of a batched cache, or a step over its first n rows. The views are made
+        once per (start, n) and kept until the cache is set up again: a batched step asks every token."""
         full = [layer.attention.kv_cache for layer in self.layers]
+        views = self._row_views.get((start, n))
+        if views is None:
+            views = self._row_views[(start, n)] = [cache.rows(start, n) for cache in full]
         try:
-            for layer, cache in zip(self.layers, full):
-                layer.attention.kv_cache = cache.rows(start, n)
+            for layer, view in zip(self.layers, views):
+                layer.attention.kv_cache = view
             yield
         finally:
             for layer, cache in zip(self.layers, full):
@@ -301,6 +307,7 @@ class Transformer(nn.Module):
     def clear_cache(self) -> None:
         for layer in self.layers:
             layer.attention.kv_cache = None
+        self._row_views = {}
 
     def prompt_kv(self, prompts: dict[int, torch.Tensor]) -> list[PromptKV | None]:
         """Per-layer prompt keys/values from raw prompts {layer: [B, P, dim]}."""

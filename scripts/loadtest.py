@@ -29,7 +29,6 @@ import argparse
 import json
 import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
@@ -249,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
                                       "wall_s": wall, "tokens": tokens, "references": refs,
                                       "ttft_s": ttft, "last_s": last,
                                       "problems": [o.__dict__ for o in problems]}, indent=2))
-    if statistics and (counts["lost"] or counts["error"] or counts["cross-talk"]):
+    if counts["lost"] or counts["error"] or counts["cross-talk"]:
         return 1
     return 0
 
