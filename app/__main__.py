@@ -217,6 +217,9 @@ def build_app(args: argparse.Namespace, experts_on: list[str] | None = None) -> 
     else:
         if engine.card is not None:
             log.info("%s", engine.card.line())
+        if engine.decode_timings:
+            measured = ", ".join(f"{n} thread{'s' if n > 1 else ''} {t * 1e3:.1f} ms" for n, t in engine.decode_timings.items())
+            log.info("decoding with %d thread(s): a step took %s", engine.decode_threads, measured)
         if options.compile:
             log.info("compiling the decoding step (--compile), so that the first answer does not wait for it...")
             log.info("compiled in %.0f s", engine.warm_up())

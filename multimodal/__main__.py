@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(card.line(), file=sys.stderr)
-    engine = Engine(loaded, compile=options.compile, card=card)
+    engine = Engine(loaded, compile=options.compile, card=card, decode_threads=options.decode_threads)
     if image is not None and not engine.sees_images:
         print("note: this model has no visual encoder, so it does not see the image; the app's experts "
               "(python -m app) describe an image to it", file=sys.stderr)

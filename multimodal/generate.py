@@ -24,6 +24,7 @@ from .adapter import PromptKV
 from .card import ModelCard
 from .loading import LoadedModel
 from .prompt import prompt_format
+from .threads import MEASURE_MAX_WEIGHT_BYTES, fastest, seconds_per_step, use_threads
 from .tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
@@ -188,10 +189,12 @@ class Engine:
     """One loaded model serving requests one at a time (a lock guards the shared KV cache)."""
 
     def __init__(self, loaded: LoadedModel, image_cache_size: int = 8, compile: bool = False,
-                 card: ModelCard | None = None) -> None:
+                 card: ModelCard | None = None, decode_threads: int | str | None = None) -> None:
         """``compile`` runs each decoding step through ``torch.compile`` (fullgraph, fixed shapes:
         :meth:`Transformer.step`), as CUDA graphs on a GPU ("reduce-overhead"). The first answer pays
-        the compilation (tens of seconds); later steps skip Python and per-kernel launch overhead."""
+        the compilation (tens of seconds); later steps skip Python and per-kernel launch overhead.
+        ``decode_threads``: CPU threads for the decoding steps (prefill keeps torch's count at load):
+        a number, "auto" (measured now, on a CPU: multimodal/threads.py), or None (torch's count)."""
         self.loaded = loaded
         self.card = card  # which model this is, in words (the page's banner and answer footers)
         self.model = loaded.model
@@ -207,6 +210,31 @@ class Engine:
         self.overlap_decode: bool | None = None  # None: queue the next step before reading an id on CUDA only
         self._step = StepRunner(compile_step(self.model.llama), self.model.device, self.max_seq_len) if compile else None
         self.prompt_format = prompt_format(self.tokenizer, visual=self.sees_images)
+        self.threads = torch.get_num_threads()  # prefill and every phase but decoding
+        self.decode_timings: dict[int, float] = {}  # thread count -> seconds per step, when measured
+        self.decode_threads = self._choose_decode_threads(decode_threads)
+
+    def _choose_decode_threads(self, choice: int | str | None) -> int:
+        if choice is None:
+            return self.threads
+        if choice != "auto":
+            n = int(choice)
+            if n < 1:
+                raise ValueError(f"decode threads must be at least 1, not {n}")
+            return n
+        weight_bytes = sum(p.numel() * p.element_size() for p in self.model.llama.parameters())
+        if (self.model.device.type != "cpu" or self._step is not None or self.threads < 2
+                or weight_bytes > MEASURE_MAX_WEIGHT_BYTES):
+            return self.threads
+        llama = self.model.llama
+        with self._lock, torch.inference_mode():
+            token = torch.tensor([[self.tokenizer.eos_id]], device=self.model.device)
+            prompts = self._image_prompts(None, None)
+            self.decode_timings = seconds_per_step(
+                lambda i: llama(token, start_pos=i, prompts=prompts, last_only=True), (1, self.threads),
+                restore=self.threads)
+            self._forget()  # the steps wrote cache slots no request has claimed
+        return fastest(self.decode_timings)
 
     @property
     def max_seq_len(self) -> int:
@@ -307,7 +335,10 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         ids, room = self.prompt_ids(prompt, stats)
         with self._lock, (adapter.applied() if adapter is not None else nullcontext()):
-            yield from self._tokens(ids, image, prompts, adapter, min(params.max_new_tokens, room), params, cancel, stats)
+            try:
+                yield from self._tokens(ids, image, prompts, adapter, min(params.max_new_tokens, room), params, cancel, stats)
+            finally:
+                use_threads(self.threads)  # decoding may have used fewer
 
     def complete(self, prompt: str | list[int], image: Image.Image | None = None,
                  params: SamplingParams = SamplingParams(), stats: GenerationStats | None = None) -> str:
@@ -322,6 +353,7 @@ class Engine:
         generator = None
         if params.seed is not None:
             generator = torch.Generator(device=device).manual_seed(params.seed)
+        use_threads(self.threads)  # the image and the prefill: every thread
         if prompts is None:
             prompts = self._image_prompts(image, adapter)
         # Keys/values of a shared prefix are still in the cache when the same prompts and adapter made
@@ -339,6 +371,7 @@ class Engine:
 
         def decode(token: torch.Tensor) -> torch.Tensor:  # token [1] -> logits [1, vocab] at position pos
             if step_pos is None:
+                use_threads(self.decode_threads)
                 return llama(token.view(1, 1), start_pos=pos, prompts=prompts, last_only=True)
             out = self._step(token.view(1, 1), step_pos, pos, prompts)
             step_pos.add_(1)
