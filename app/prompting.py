@@ -120,9 +120,24 @@ EXAMPLES = ((_EXAMPLE_FINDINGS, "How many people are there?", "There are 3 peopl
             (_EXAMPLE_FINDINGS, "Is there a cat in the picture?", "No. There is a dog, not a cat."),
             (_EXAMPLE_FINDINGS, "What does the sign say?", 'The sign says "CITY PARK, OPEN 9-5".'))
 
+# "prose-examples": two made-up scenes and five exchanges, so that every kind of finding is shown in
+# use once (a count, the classifier's label, a line of text chosen among several) and yes/no questions
+# are answered both ways (with "No" alone, the model tended to answer every yes/no question "No").
+_KITCHEN_FINDINGS = ('Objects detected: 1 bowl (centre), 1 spoon (right).\n'
+                     'What the whole image looks like: consomme 0.62, soup bowl 0.21.\n'
+                     'Text written in the image: "FRESH DAILY", "SOUP OF THE DAY: TOMATO", "2 EUR".')
+BALANCED_EXAMPLES = (
+    (_EXAMPLE_FINDINGS, "How many people are there?", "There are 3 people."),
+    (_EXAMPLE_FINDINGS, "Is there a cat in the picture?", "No. There is a dog, not a cat."),
+    (_KITCHEN_FINDINGS, "Is there a spoon?", "Yes, there is a spoon on the right."),
+    (_KITCHEN_FINDINGS, "What food is in the bowl?", "It is soup (consomme)."),
+    (_KITCHEN_FINDINGS, "How much does it cost?", "It costs 2 EUR."),
+)
+
 # style -> (context rendering, ChatTemplateFormat keywords). Scores of each on the real-photo
-# development set are in docs/experts.md; DEFAULT_STYLE is the best of them (prose-example-first asks a
-# first question exactly as prose-example does, and makes follow-ups cheaper to prefill).
+# development set are in docs/experts.md; DEFAULT_STYLE is the best of them there and on the check set
+# (prose-example-first asks a first question exactly as prose-example does, and makes follow-ups cheaper
+# to prefill; prose-examples does the same with the balanced examples).
 PROMPT_STYLES: dict[str, tuple[Callable[[str], str], dict]] = {
     "findings": (lambda c: c, {}),  # the tagged lines ("[ocr] ...") in the user turn
     "system": (lambda c: c, {"context_in": "system"}),  # the tagged lines in the system turn
@@ -130,8 +145,9 @@ PROMPT_STYLES: dict[str, tuple[Callable[[str], str], dict]] = {
     "prose-example": (as_prose, {"examples": EXAMPLES}),  # the same, after worked examples
     # the same, the findings kept with the first question about the image (follow-ups reuse the prefix)
     "prose-example-first": (as_prose, {"examples": EXAMPLES, "context_in": "first"}),
+    "prose-examples": (as_prose, {"examples": BALANCED_EXAMPLES, "context_in": "first"}),
 }
-DEFAULT_STYLE = "prose-example-first"
+DEFAULT_STYLE = "prose-examples"
 
 
 @dataclass

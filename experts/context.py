@@ -113,7 +113,10 @@ _LEAD = re.compile(r"^(Objects detected|Image class \([^)]*\)|Caption(?: \([^)]*
 def as_prose(block: str) -> str:
     """The context block ("[name] line" lines) rewritten as one labelled sentence per expert: OCR lines
     joined into one quoted list, each expert's own lead-in ("Objects detected:") replaced by its label.
-    Lines without a tag (an edited context) pass through unchanged."""
+    Lines without a tag (an edited context) pass through unchanged. An expert's "found nothing" line
+    ("No text found.") is left out: the small model took it as an answer to unrelated questions ("How
+    many people?" -> "There is no text found."), and leaving it out scored better on both question sets
+    (docs/experts.md); the panel still shows it."""
     grouped: dict[str, list[str]] = {}
     order: list[str] = []
     for line in block.splitlines():
@@ -128,8 +131,7 @@ def as_prose(block: str) -> str:
         grouped[name].append(_LEAD.sub("", text).rstrip("."))
     out = []
     for name in order:
-        found = [p for p in grouped[name] if not p.startswith("No ")]  # "No text found." stays a sentence
-        out += [p + "." for p in grouped[name] if p.startswith("No ")]
+        found = [p for p in grouped[name] if not p.startswith("No ")]  # not "No text found."
         if not found:
             continue
         if not name or name not in PROSE_LABELS:

@@ -162,10 +162,14 @@ def test_a_follow_up_prompt_extends_the_first_so_its_prefix_is_reused(smollm2: E
     """The default prompt style keeps the findings with the first question about the image: a first
     question is asked as with the findings in the latest turn, and the follow-up's ids begin with the
     first request's ids followed by its answer, so the engine prefills only the new turn."""
-    from app.prompting import DEFAULT_STYLE, prompting_for
+    from app.prompting import DEFAULT_STYLE, Prompting, prompting_for
+    from multimodal.prompt import ChatTemplateFormat
 
-    assert DEFAULT_STYLE == "prose-example-first"
-    first, latest = prompting_for(smollm2.prompt_format), prompting_for(smollm2.prompt_format, "prose-example")
+    assert DEFAULT_STYLE == "prose-examples"
+    first = prompting_for(smollm2.prompt_format)
+    # the same examples with the findings in the latest user turn (context_in="user")
+    latest = Prompting(ChatTemplateFormat(first.format.tokenizer, first.format.system, examples=first.format.examples),
+                       first.render)
     findings = first.render("[ocr] ROMA\n[detection] 2 people")
     assert first.format.ids("Where is this?", [], findings) == latest.format.ids("Where is this?", [], findings)
     ids1 = first.format.ids("Where is this?", [], findings)

@@ -18,7 +18,7 @@ from experts import (
     CaptionExpert, EasyOCRBackend, Expert, ExpertResult, ExpertRunner, OCRExpert, Output, build_context,
 )
 from experts.base import to_rgb
-from experts.context import rough_token_count
+from experts.context import as_prose, rough_token_count
 from experts.describe import count_phrase, plural, region, regions_phrase
 from experts.detection import DetectionExpert, describe_detections
 from experts.ocr.layout import TextBox, reading_order
@@ -334,3 +334,18 @@ def test_network_guard_is_active(no_network):
     with pytest.raises(OSError):
         socket.create_connection(("192.0.2.1", 80), timeout=1)
     assert no_network and "192.0.2.1" in str(no_network.pop())  # recorded, then cleared
+
+
+def test_prose_gives_one_sentence_per_expert_and_leaves_out_what_found_nothing():
+    block = "\n".join(["[detection] Objects detected: 2 people (1 centre, 1 right), 1 tie (bottom centre).",
+                       "[classification] Image class (ImageNet classifier): suit 0.40, bow tie 0.10",
+                       "[ocr] No text found.",
+                       '[ocr] "SALE"', '[ocr] "50%"',
+                       "a line the user typed"])
+    assert as_prose(block).splitlines() == [
+        "Objects detected: 2 people (1 centre, 1 right), 1 tie (bottom centre).",
+        "What the whole image looks like: suit 0.40, bow tie 0.10.",
+        'Text written in the image: "SALE", "50%".',
+        "a line the user typed",
+    ]
+    assert as_prose("[ocr] No text found.\n[detection] No objects detected.") == ""
