@@ -277,6 +277,9 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()}; "
           f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"load average (1 min) {load_start:.2f} at start, {load_end:.2f} at end.")
+    measured = ", ".join(f"{n}: {t * 1e3:.1f} ms" for n, t in engine.decode_timings.items())
+    print(f"Decoding steps on {engine.decode_threads} thread(s)"
+          + (f" (a step timed at load with each count, {measured})." if measured else "."))
     print(f"Greedy answers of at most {ours.new_tokens} new tokens through ChatApp.api_chat; prompt style "
           f"{args.prompt_style}. App built in {build_s:.1f} s (model load and experts' set-up); then the model "
           f"and every expert answered once about an unrelated drawn image ({warm_s:.1f} s, not counted).\n")
@@ -291,6 +294,7 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
     if ours.json is not None:
         ours.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": card, "experts": available, "cpu": cpu_name(), "threads": torch.get_num_threads(),
+                   "decode_threads": engine.decode_threads, "decode_timings": engine.decode_timings,
                    "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_1min": [load_start, load_end],
                    "build_s": build_s, "warm_up_s": warm_s,
                    "answers": [asdict(r) | {"other_s": r.other_s} for r in rows]}

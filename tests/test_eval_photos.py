@@ -17,22 +17,31 @@ SCORE = re.compile(r"^Score: (\d+)/(\d+) right \((\d+(?:\.\d+)?)%\)$", re.MULTIL
 
 ev = load_script("eval_photos")
 ITEMS = ev.load_set(ev.DEFAULT_SET)
+CHECK_SET = ev.DEFAULT_SET.with_name("photos_check.json")  # questions not used to choose the prompt form
+CHECK_ITEMS = ev.load_set(CHECK_SET)
 
 
-def test_development_set_is_well_formed() -> None:
-    assert len(ITEMS) >= 20
-    assert len({i.id for i in ITEMS}) == len(ITEMS), "item ids must be unique"
-    for item in ITEMS:
+@pytest.mark.parametrize("items", [ITEMS, CHECK_ITEMS], ids=["development", "check"])
+def test_question_sets_are_well_formed(items: list) -> None:
+    assert len(items) >= 16
+    assert len({i.id for i in items}) == len(items), "item ids must be unique"
+    for item in items:
         assert item.question.strip().endswith("?"), item.id
         assert item.answers and all(a.strip() for a in item.answers), item.id
         assert item.experts and set(item.experts) <= set(ev.EXPERT_NAMES), item.id
         # An accepted answer that is also rejected could never be right.
         assert not any(ev.contains(a, r) for a in item.answers for r in item.reject), item.id
-    assert {e for i in ITEMS for e in i.experts} >= {"detection", "ocr"}
-    assert len({i.image for i in ITEMS}) >= 10, "the set should cover many different photos"
+    assert {e for i in items for e in i.experts} >= {"detection", "ocr"}
+    assert len({i.image for i in items}) >= 10, "the set should cover many different photos"
 
 
-@pytest.mark.parametrize("image", sorted({i.image for i in ITEMS}))
+def test_the_check_set_asks_other_questions() -> None:
+    asked = {(i.image, ev.normalise(i.question)) for i in ITEMS}
+    assert not [i.id for i in CHECK_ITEMS if (i.image, ev.normalise(i.question)) in asked]
+    assert {i.image for i in CHECK_ITEMS} - {i.image for i in ITEMS}, "the check set should add photos"
+
+
+@pytest.mark.parametrize("image", sorted({i.image for i in ITEMS + CHECK_ITEMS}))
 def test_every_image_of_the_set_exists(image: str) -> None:
     path = ev.resolve_image(image, ev.DEFAULT_SET.parent)
     if not path.is_file():
