@@ -21,7 +21,7 @@ from multimodal.generate import Engine
 from multimodal.options import ModelOptions, add_model_args, demo_available, demo_dir, options_from_args
 
 from .chat import TOY_CAPTIONER, AppConfig, ChatApp
-from .prompting import DEFAULT_STYLE, PROMPT_STYLES
+from .prompting import AUTO_STYLE, DEFAULT_STYLE, PROMPT_STYLES
 from .ui import build_demo, page_assets
 
 log = logging.getLogger("app")
@@ -95,9 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--caption-adapter", default=env("MM_CAPTION_ADAPTER", "llama-adapter-caption-7b"),
                    help="adapter for captions, swapped onto the loaded base: a manifest name, a .pth file, or none "
                         "(the main model is asked for a caption). Used when present (env MM_CAPTION_ADAPTER)")
-    e.add_argument("--prompt-style", default=env("MM_PROMPT_STYLE", DEFAULT_STYLE), choices=tuple(PROMPT_STYLES),
+    e.add_argument("--prompt-style", default=env("MM_PROMPT_STYLE", AUTO_STYLE), choices=(AUTO_STYLE, *PROMPT_STYLES),
                    help="how a chat base (SmolLM2, your own) is given the experts' findings; measured in "
-                        "docs/experts.md (env MM_PROMPT_STYLE)")
+                        f"docs/experts.md. auto: the adapter's own (prose-tuned for one tuned on findings), else "
+                        f"{DEFAULT_STYLE} (env MM_PROMPT_STYLE)")
     e.add_argument("--context-tokens", type=int, default=None,
                    help="token budget of the expert context (default: a quarter of the model's context length)")
     add_model_args(p)

@@ -33,7 +33,7 @@ from multimodal.card import ModelCard
 from multimodal.generate import Engine, GenerationStats, PromptTooLongError, SamplingParams
 from multimodal.image import ImageError, open_image
 
-from .prompting import DEFAULT_STYLE, PromptBudgetError, PromptPlan, assemble, prompting_for
+from .prompting import AUTO_STYLE, PromptBudgetError, PromptPlan, assemble, prompting_for, resolve_style
 from .state import ChatSession, Turn
 
 log = logging.getLogger("app")
@@ -73,7 +73,7 @@ class AppConfig:
     default_experts: tuple[str, ...] = ("caption", "ocr", "detection", "classification")
     log_dir: Path | None = None  # None: no chat or image is written anywhere
     max_waiting: int | None = None  # more armed requests than this: "busy" (the server's queue size)
-    prompt_style: str = DEFAULT_STYLE  # how a chat base is told the experts' findings (app.prompting)
+    prompt_style: str = AUTO_STYLE  # how a chat base is told the experts' findings (app.prompting)
 
 
 @dataclass
@@ -98,7 +98,9 @@ class ChatApp:
         self._cancel: dict[str, threading.Event] = {}
         self._armed: dict[str, float] = {}  # session key -> when its request was armed (busy check)
         self._upload_lock = threading.Lock()
-        self.prompting = prompting_for(engine.prompt_format, self.config.prompt_style) if engine is not None else None
+        adapter_config = engine.loaded.adapter_config if engine is not None else {}
+        self.prompt_style = resolve_style(self.config.prompt_style, adapter_config)
+        self.prompting = prompting_for(engine.prompt_format, self.prompt_style) if engine is not None else None
         self._log_lock = threading.Lock()
 
     # -- what is available ----------------------------------------------------------------

@@ -146,8 +146,19 @@ PROMPT_STYLES: dict[str, tuple[Callable[[str], str], dict]] = {
     # the same, the findings kept with the first question about the image (follow-ups reuse the prefix)
     "prose-example-first": (as_prose, {"examples": EXAMPLES, "context_in": "first"}),
     "prose-examples": (as_prose, {"examples": BALANCED_EXAMPLES, "context_in": "first"}),
+    # for a base tuned to read findings (multimodal/train/findings.py): the form it was tuned on, no examples
+    "prose-tuned": (as_prose, {"context_in": "first"}),
 }
 DEFAULT_STYLE = "prose-examples"
+AUTO_STYLE = "auto"  # the adapter file's own style when it names one (a tuned adapter does), else DEFAULT_STYLE
+
+
+def resolve_style(style: str, adapter_config: dict) -> str:
+    """The style to use: ``style`` itself, or for "auto" the one the loaded adapter was tuned with."""
+    if style != AUTO_STYLE:
+        return style
+    named = adapter_config.get("prompt_style")
+    return named if named in PROMPT_STYLES else DEFAULT_STYLE
 
 
 @dataclass

@@ -49,10 +49,12 @@ def custom_card(base: str, adapter: str | None, sees_images: bool = True) -> Mod
                      summary=f"a base you chose: {how}; how well depends on its weights and adapter")
 
 
-def smollm2_card(adapter: str | None) -> ModelCard:
-    if adapter:
+def smollm2_card(adapter: str | None, tuned: bool = False) -> ModelCard:
+    """``tuned``: the adapter is the project's own findings tuning (weights/smollm2-findings)."""
+    if adapter and not tuned:
         return custom_card("SmolLM2-135M-Instruct", adapter, sees_images=False)
-    return ModelCard(name="SmolLM2-135M-Instruct", short="SmolLM2-135M",
+    how = ", bias-tuned by this project to answer from them," if tuned else ""
+    return ModelCard(name="SmolLM2-135M-Instruct" + (" (tuned on findings)" if tuned else ""), short="SmolLM2-135M",
                      summary=("a small chat model (135M parameters) that does not see the image itself: it answers "
-                              "from the experts' findings (objects, text, image class), so it can count, read and "
+                              f"from the experts' findings (objects, text, image class){how} so it can count, read and "
                               "name what they report, not describe what they miss"), photos=True)

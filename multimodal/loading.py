@@ -12,7 +12,7 @@ import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -248,6 +248,7 @@ class LoadedModel:
     model: MultimodalLlama
     tokenizer: TokenizerBase
     preprocess: ImagePreprocessor
+    adapter_config: dict = field(default_factory=dict)  # the adapter file's 'config' entry (e.g. its prompt style)
 
     @property
     def config(self) -> ModelConfig:
@@ -337,7 +338,8 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike |
 
         quantize_int8(model, target)
     use_bgr = cfg.bgr if bgr is None else bgr
-    return LoadedModel(model, tokenizer, ImagePreprocessor(cfg.clip, bgr=use_bgr))
+    return LoadedModel(model, tokenizer, ImagePreprocessor(cfg.clip, bgr=use_bgr),
+                       dict(adapter.config) if adapter is not None else {})
 
 
 def load_llama_only(llama_dir: str | os.PathLike, device: str | torch.device = "cpu",

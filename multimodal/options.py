@@ -34,6 +34,16 @@ def demo_available(weights_root: str | os.PathLike | None = None) -> bool:
 
 MODELS = ("auto", "official", "smollm2", "demo")
 
+# SmolLM2 bias-tuned to answer from the experts' findings, where `python -m multimodal.train findings` writes
+# it (the repository's weights folder, whatever --weights-dir says): SmolLM2's default adapter once it is
+# there. Not shipped: on the project's question sets it scored the same as the released model with worked
+# examples (docs/experts.md). `--adapter none` runs SmolLM2 as released.
+FINDINGS_ADAPTER = Path(__file__).resolve().parents[1] / "weights" / "smollm2-findings" / "adapter.pth"
+
+
+def findings_adapter() -> str | None:
+    return str(FINDINGS_ADAPTER) if FINDINGS_ADAPTER.is_file() else None
+
 
 @dataclass
 class ModelOptions:
@@ -96,7 +106,8 @@ class ModelOptions:
             base = linked_base(self.weights_dir)
         else:
             base = Path(self.llama_dir) if self.llama_dir else official_base(self.weights_dir)
-        adapter, adapter_name = self._adapter(default="llama-adapter-bias-7b" if choice == "official" else None)
+        default = {"official": "llama-adapter-bias-7b", "smollm2": findings_adapter()}.get(choice)
+        adapter, adapter_name = self._adapter(default=default)
         clip = self._clip(adapter)
         loaded = load_model(base, self.tokenizer, clip, adapter, preset=self.preset, device=self.device,
                             dtype=self.dtype or self._default_dtype(choice),
@@ -106,7 +117,7 @@ class ModelOptions:
         if choice == "official":
             card = official_card(adapter_name)
         elif choice == "smollm2":
-            card = smollm2_card(adapter_name)
+            card = smollm2_card(adapter_name, tuned=adapter is not None and adapter.resolve() == FINDINGS_ADAPTER.resolve())
         else:
             card = custom_card(base.resolve().name, adapter_name, sees_images=loaded.model.has_vision)
         return loaded, card
@@ -165,8 +176,14 @@ class ModelOptions:
     def _codes(self, base: Path, adapter: Path | None) -> bool:
         """A compiled step reads a GGUF file's 4/8-bit codes instead of float32 weights (coded.py):
         the same weights, a quarter of the bytes per token. Not with LoRA (merged weights differ from
-        the file's) nor int8."""
-        return self.compile and self.quantize is None and base.suffix == ".gguf" and adapter is None
+        the file's) nor int8; an adapter of biases and norms (the findings tuning) leaves them as stored."""
+        if not (self.compile and self.quantize is None and base.suffix == ".gguf"):
+            return False
+        if adapter is None:
+            return True
+        from .checkpoint import read_adapter
+
+        return not adapter.is_dir() and read_adapter(adapter).lora_rank == 0  # biases and norms leave W as stored
 
     def load_demo(self) -> LoadedModel:
         d = demo_dir(self.weights_dir)

@@ -281,7 +281,7 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
     print(f"Decoding steps on {engine.decode_threads} thread(s)"
           + (f" (a step timed at load with each count, {measured})." if measured else "."))
     print(f"Greedy answers of at most {ours.new_tokens} new tokens through ChatApp.api_chat; prompt style "
-          f"{args.prompt_style}. App built in {build_s:.1f} s (model load and experts' set-up); then the model "
+          f"{app.prompt_style}. App built in {build_s:.1f} s (model load and experts' set-up); then the model "
           f"and every expert answered once about an unrelated drawn image ({warm_s:.1f} s, not counted).\n")
     if not rows:
         print("No photo was found: nothing timed.")

@@ -3,6 +3,8 @@
   adapter  train a V2 adapter on a frozen LLaMA + CLIP from caption data (CSV/JSONL) and instruction
            data (Alpaca/LLaVA JSON); works under torchrun (DDP) and with mixed precision on GPUs.
   demo     build the project's demo model end to end from one seed (weights/demo).
+  findings bias-tune SmolLM2-135M-Instruct to answer from the experts' findings
+           (weights/smollm2-findings/adapter.pth, the app's default adapter for it).
 
 Examples:
   python -m multimodal.train demo --out weights/demo --seed 0
@@ -116,8 +118,35 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--threads", type=int, default=2, help="CPU threads (default 2, what the README's time is for)")
     demo.add_argument("--smoke", action="store_true", help="a seconds-long miniature of the recipe (tests the command)")
     demo.add_argument("--no-progress", action="store_true")
+    findings = sub.add_parser("findings", help="bias-tune SmolLM2 to answer from the experts' findings")
+    findings.add_argument("--out", type=Path, default=Path("weights/smollm2-findings/adapter.pth"))
+    findings.add_argument("--base", type=Path, help="a chat base (GGUF or Hugging Face folder); default: SmolLM2 "
+                                                   "from its registry package")
+    findings.add_argument("--seed", type=int, default=0)
+    findings.add_argument("--examples", type=int, help="made-up exchanges (default: the recipe's)")
+    findings.add_argument("--threads", type=int, default=2)
+    findings.add_argument("--smoke", action="store_true", help="a seconds-long miniature (tests the command)")
     args = parser.parse_args(argv)
+    if args.command == "findings":
+        return run_findings(args)
     return run_adapter(args) if args.command == "adapter" else run_demo(args)
+
+
+def run_findings(args: argparse.Namespace) -> int:
+    from weights.packaged import require_packaged
+
+    from ..loading import load_model
+    from .findings import FindingsPlan, tune
+
+    plan = FindingsPlan.smoke() if args.smoke else FindingsPlan()
+    plan = replace(plan, seed=args.seed, threads=args.threads,
+                   **({"examples": args.examples} if args.examples else {}))
+    base = args.base or require_packaged("smollm2-135m-instruct")
+    loaded = load_model(base, device="cpu", dtype="float32", pack=False)
+    summary = tune(loaded, plan, args.out)
+    print(f"adapter written to {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) in {summary['seconds']} s: "
+          f"{summary['steps']} steps, loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f}")
+    return 0
 
 
 if __name__ == "__main__":
