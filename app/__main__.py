@@ -18,6 +18,7 @@ import gradio as gr
 
 from experts import ExpertRunner
 from multimodal.generate import Engine
+from multimodal.threads import timings_text
 from multimodal.options import ModelOptions, add_model_args, demo_available, demo_dir, options_from_args
 
 from .chat import TOY_CAPTIONER, AppConfig, ChatApp
@@ -219,8 +220,8 @@ def build_app(args: argparse.Namespace, experts_on: list[str] | None = None) -> 
         if engine.card is not None:
             log.info("%s", engine.card.line())
         if engine.decode_timings:
-            measured = ", ".join(f"{n} thread{'s' if n > 1 else ''} {t * 1e3:.1f} ms" for n, t in engine.decode_timings.items())
-            log.info("decoding with %d thread(s): a step took %s", engine.decode_threads, measured)
+            log.info("decoding with %d thread(s): a step took %s", engine.decode_threads,
+                     timings_text(engine.decode_timings))
         if options.compile:
             log.info("compiling the decoding step (--compile), so that the first answer does not wait for it...")
             log.info("compiled in %.0f s", engine.warm_up())

@@ -244,6 +244,7 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
 
     forbid_implicit_downloads()  # before the experts' libraries are imported: nothing may download
     from app.__main__ import build_app, build_parser
+    from multimodal.threads import timings_text
 
     args = build_parser().parse_args(ev.app_argv(rest))
     start = time.perf_counter()
@@ -277,9 +278,9 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()}; "
           f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
           f"load average (1 min) {load_start:.2f} at start, {load_end:.2f} at end.")
-    measured = ", ".join(f"{n}: {t * 1e3:.1f} ms" for n, t in engine.decode_timings.items())
+    measured = timings_text(engine.decode_timings)
     print(f"Decoding steps on {engine.decode_threads} thread(s)"
-          + (f" (a step timed at load with each count, {measured})." if measured else "."))
+          + (f" (a step timed at load: {measured})." if measured else "."))
     print(f"Greedy answers of at most {ours.new_tokens} new tokens through ChatApp.api_chat; prompt style "
           f"{app.prompt_style}. App built in {build_s:.1f} s (model load and experts' set-up); then the model "
           f"and every expert answered once about an unrelated drawn image ({warm_s:.1f} s, not counted).\n")

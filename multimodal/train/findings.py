@@ -142,10 +142,9 @@ def tune(loaded: LoadedModel, plan: FindingsPlan, out: Path, log=print) -> dict:
     start = time.perf_counter()
     answers = base_answers(loaded, fmt, questions, plan.plain_tokens)
     plain = [Exchange("", (), q, a) for q, a in zip(questions, answers) if a]
-    data = exchanges(plan.examples - n_plain, seed=plan.seed) + [plain[i % len(plain)] for i in range(n_plain)] if plain else \
-        exchanges(plan.examples, seed=plan.seed)
-    rows = [encode(fmt, ex) for ex in data]
-    log(f"{len(rows)} exchanges ({n_plain} plain questions with the base's answers), "
+    repeated = [plain[i % len(plain)] for i in range(n_plain)] if plain else []
+    rows = [encode(fmt, ex) for ex in exchanges(plan.examples - len(repeated), seed=plan.seed) + repeated]
+    log(f"{len(rows)} exchanges ({len(repeated)} plain questions with the base's answers), "
         f"{sum(len(r[0]) for r in rows) / len(rows):.0f} tokens on average; base answers in {time.perf_counter() - start:.0f} s")
 
     params = {n: p for n, p in model.named_parameters() if is_trainable(n) and n.startswith("llama.")}

@@ -164,7 +164,9 @@ def _objects_sentence(scene: Scene) -> str:
 
 
 def ask(scene: Scene, rng: random.Random) -> tuple[str, str]:
-    """One question about the scene and the answer its findings support."""
+    """One question about the scene and the answer its findings support. A question about text that
+    names something ("Which hotel is named on the sign?") first writes that text into the scene's
+    lines, so call ``scene.findings()`` after asking."""
     coco = coco_labels()
     present = list(scene.objects)
     kinds = ["count", "yes", "no", "what"] + ["unanswerable"] * (rng.random() < 0.25) + ["where", "yes"] * bool(present) + ["read"] * 3 * bool(scene.lines)
