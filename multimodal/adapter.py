@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .coded import GroupCodes, coded_linear
+from .int4 import Int4Product
 from .config import AdapterConfig
 from .packing import linear
 
@@ -34,6 +35,8 @@ class AdaptedLinear(nn.Linear):
         self.register_buffer("codes", None, persistent=False)
         self.register_buffer("code_scale", None, persistent=False)
         self.register_buffer("code_offset", None, persistent=False)
+        # the frozen weight's 4-bit codes in PyTorch's int4 kernel layout, for eager decoding (int4.py)
+        self.int4: Int4Product | None = None
         self.reset_adapter_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,9 +65,12 @@ class AdaptedLinear(nn.Linear):
 
     def base(self, x: torch.Tensor) -> torch.Tensor:
         """The frozen product W x: from the codes inside a compiled graph (where the expansion fuses
-        into the product), else from the weight, which may be packed (packing.py)."""
+        into the product), from the int4 codes for a decoding step's row, else from the weight,
+        which may be packed (packing.py)."""
         if self.codes is not None and torch.compiler.is_compiling():
             return coded_linear(x, self.codes, self.code_scale, self.code_offset)
+        if self.int4 is not None and self.int4.serves(x):
+            return self.int4(x)[0]
         return linear(x, self.weight)
 
     def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -75,6 +81,8 @@ class AdaptedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.codes is not None and torch.compiler.is_compiling():
             return self.finish(x, coded_linear(x, self.codes, self.code_scale, self.code_offset))
+        if self.int4 is not None and self.int4.serves(x):
+            return self.finish(x, self.int4(x)[0])
         return self._tuned(x, linear(x, self.weight, self.bias))  # bias inside the product (addmm)
 
     def _tuned(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

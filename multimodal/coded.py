@@ -40,6 +40,7 @@ class GroupCodes:
     codes: torch.Tensor  # [out, in] int8 or uint8
     scale: torch.Tensor  # [out, in // GROUP] float32 (the file's float16 values)
     offset: torch.Tensor | None  # [out, in // GROUP] float32, or None (symmetric formats)
+    bits: int = 8  # 4 (Q4_0, Q4_1: codes -8..7 or 0..15) or 8 (Q8_0)
 
     def dequantize(self) -> torch.Tensor:
         """The float32 weight [out, in] the codes stand for."""
@@ -74,7 +75,7 @@ def read_codes(data: np.ndarray, kind: QT, shape: tuple[int, int]) -> GroupCodes
         else:
             codes = torch.from_numpy(nibbles.astype(np.int8) - 8)  # int8, -8..7
     return GroupCodes(codes.reshape(out, inp).contiguous(), scale.contiguous(),
-                      None if offset is None else offset.contiguous())
+                      None if offset is None else offset.contiguous(), bits=8 if kind == QT.Q8_0 else 4)
 
 
 def expand(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
@@ -124,6 +125,10 @@ class CodedProduct(nn.Module):
         if any(p.codes is None for p in parts):
             return False
         return len({p.codes.dtype for p in parts}) == 1 and len({p.code_offset is None for p in parts}) == 1
+
+    def serves(self, x: torch.Tensor) -> bool:
+        """Only inside a compiled graph: eagerly the expansion would materialise every weight."""
+        return torch.compiler.is_compiling()
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [..., in] -> each layer's bare product W x, [..., out_i] (no bias: AdaptedLinear.finish)."""

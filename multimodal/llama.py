@@ -17,6 +17,7 @@ from torch import nn
 from .adapter import AdaptedLinear, PromptGate, PromptKV
 from .coded import CodedProduct
 from .config import AdapterConfig, LlamaConfig, RopeScaling
+from .int4 import Int4Product, first_serving
 
 
 class RMSNorm(nn.Module):
@@ -56,11 +57,18 @@ def apply_rope(x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) as Meta's complex formulation does, in fp32.
 
     x: [B, S, H, D]; table: [S, D // 2, 2], or [B, S, D // 2, 2] for positions that differ by row.
+    Eagerly on a CPU the pairs are multiplied as complex numbers (one kernel instead of a dozen: a
+    SmolLM2 decoding step makes 60 of these calls); compiled graphs and other devices get the same
+    products written out in real arithmetic, which every backend compiles.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2]
-    x0, x1 = xf.unbind(-1)  # [B, S, H, D/2] each
     if table.dim() == 3:
         table = table[None]  # [1, S, D/2, 2]
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [B, S, H, D/2] complex
+        turns = torch.view_as_complex(table)[:, :, None]  # [B or 1, S, 1, D/2]: cos + i sin
+        return torch.view_as_real(pairs * turns).flatten(-2).type_as(x)
+    xf = x.float().unflatten(-1, (-1, 2))  # [B, S, H, D/2, 2]
+    x0, x1 = xf.unbind(-1)  # [B, S, H, D/2] each
     cos, sin = table[:, :, None, :, 0], table[:, :, None, :, 1]  # [B or 1, S, 1, D/2]
     out = torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1)  # [B, S, H, D/2, 2]
     return out.flatten(-2).type_as(x)
@@ -183,6 +191,7 @@ class Attention(nn.Module):
         self.prompt_gate = PromptGate(self.n_heads, acfg.new_gate) if prompted else None
         self.kv_cache: KVCache | None = None
         self.fused_qkv: CodedProduct | None = None  # GGUF codes of wq, wk, wv stacked (coded.attach_codes)
+        self.int4_qkv: Int4Product | None = None  # their 4-bit codes for eager decoding (int4.attach_int4)
 
     def prompt_kv(self, prompt: torch.Tensor) -> PromptKV:
         """Keys/values of a raw prompt ([B, P, dim]) through this layer's frozen wk/wv: no norm, no
@@ -195,8 +204,9 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: torch.Tensor, start_pos: int | torch.Tensor,
                 prompt: PromptKV | None, visible: torch.Tensor | None = None) -> torch.Tensor:
         b, s, _ = x.shape
-        if self.fused_qkv is not None and torch.compiler.is_compiling():
-            yq, yk, yv = self.fused_qkv(x)
+        stacked = first_serving(x, self.fused_qkv, self.int4_qkv)
+        if stacked is not None:
+            yq, yk, yv = stacked(x)
             xq, xk, xv = self.wq.finish(x, yq), self.wk.finish(x, yk), self.wv.finish(x, yv)
         else:
             xq, xk, xv = self.wq(x), self.wk(x), self.wv(x)
@@ -230,10 +240,12 @@ class FeedForward(nn.Module):
         self.w2 = AdaptedLinear(hidden, cfg.dim, **tuned)
         self.w3 = AdaptedLinear(cfg.dim, hidden, **tuned)
         self.fused_w13: CodedProduct | None = None  # GGUF codes of w1, w3 stacked (coded.attach_codes)
+        self.int4_w13: Int4Product | None = None  # their 4-bit codes for eager decoding (int4.attach_int4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused_w13 is not None and torch.compiler.is_compiling():
-            y1, y3 = self.fused_w13(x)
+        stacked = first_serving(x, self.fused_w13, self.int4_w13)
+        if stacked is not None:
+            y1, y3 = stacked(x)
             return self.w2(F.silu(self.w1.finish(x, y1)) * self.w3.finish(x, y3))
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 

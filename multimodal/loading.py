@@ -19,6 +19,7 @@ import torch
 
 from .adapter import is_base, is_trainable, merge_lora_into_weights
 from .coded import attach_codes
+from .int4 import attach_int4, int4_available
 from .checkpoint import (AdapterCheckpoint, CheckpointError, StateDict, clip_config_from_state, ours_to_official,
                          preview_names, read_adapter, read_meta_llama, read_openai_clip_visual)
 from .config import AdapterConfig, LlamaConfig, ModelConfig, build_preset
@@ -273,7 +274,7 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike |
                preset: str = "official-7b", device: str | torch.device | None = None,
                dtype: str | torch.dtype | None = None, max_seq_len: int | None = None, bgr: bool | None = None,
                quantize: str | None = None, lora_rank: int | None = None, pack: bool | None = None,
-               merge_lora: bool = False, codes: bool = False) -> LoadedModel:
+               merge_lora: bool = False, codes: bool = False, int4: bool = False) -> LoadedModel:
     """A base (Meta folder, Hugging Face folder or GGUF file: formats.read_base) + OpenAI CLIP file +
     adapter (official file or PEFT AdaptionPrompt folder) -> a ready model.
 
@@ -292,7 +293,9 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike |
     fewer matrix products per linear layer and step); the model then has no LoRA to train or to swap
     (see swap.py). Packed and merged models are for inference only. ``codes`` keeps a GGUF file's
     Q4_0/Q4_1/Q8_0 weights as stored, beside the dense ones, for a compiled float32 decoding step that
-    reads them (coded.py); it needs plain (unpacked, unquantised) weights and no LoRA."""
+    reads them (coded.py); it needs plain (unpacked, unquantised) weights and no LoRA. ``int4`` keeps
+    a GGUF file's 4-bit weights in PyTorch's int4 kernel layout as well, for eager bfloat16 decoding on
+    a CPU (int4.py); elsewhere (another device or dtype, int8, a file without 4-bit weights) it does nothing."""
     target = torch.device(device) if device is not None else default_device()
     dtype = parse_dtype(dtype, target)
     if quantize not in (None, "int8"):
@@ -313,14 +316,17 @@ def load_model(llama_dir: str | os.PathLike, tokenizer_path: str | os.PathLike |
     clip = read_openai_clip_visual(clip_path) if wants_clip else None
     cfg = model_config_from_files(build_preset(preset, base.config), adapter, clip, lora_rank, adapter_source,
                                   f"CLIP file {clip_path}")
-    codes_of = getattr(weights, "codes", None) if codes else None  # GGUF only
+    codes_of = getattr(weights, "codes", None)  # GGUF only
     if codes and (pack or quantize):
         raise ValueError("codes need plain weights: pass pack=False and no quantize")
     del base
     model = build_empty(cfg, device, dtype)
     loaded = copy_into(model, _Prefixed(weights, "llama."), base_source)
-    if codes_of is not None:
+    if codes and codes_of is not None:
         attach_codes(model.llama, codes_of)
+    if int4 and codes_of is not None and quantize is None and int4_available(device, dtype):
+        n = attach_int4(model.llama, codes_of)  # before merging LoRA: layers with LoRA are left dense
+        log.info("%s: %d layers decode from their 4-bit codes (int4 kernel)", base_source, n)
     del weights
     if clip is not None:
         loaded |= copy_into(model, _Prefixed(clip, "clip."), f"CLIP file {clip_path}")

@@ -63,6 +63,7 @@ class ModelOptions:
     merge_lora: bool = True  # fold LoRA into the frozen weights at load (then no LoRA adapter can be swapped in)
     batch: int = 1  # > 1: that many requests decode together (continuous batching: multimodal/batching.py)
     decode_threads: str = "auto"  # CPU threads per decoding step: "auto" (measured at load), or a number
+    int4: bool = True  # bfloat16 decoding on a CPU reads a GGUF file's 4-bit codes (int4.py); False: dense weights
 
     def engine(self) -> Engine:
         """Load the model and wrap it in an Engine with these options; ``engine.card`` says which it is."""
@@ -113,7 +114,7 @@ class ModelOptions:
                             dtype=self.dtype or self._default_dtype(choice),
                             max_seq_len=self.max_seq_len or self._default_context(choice),
                             bgr=self.bgr, quantize=self.quantize, pack=self._pack, merge_lora=self.merge_lora,
-                            codes=self._codes(base, adapter))
+                            codes=self._codes(base, adapter), int4=self.int4 and not self.compile)
         if choice == "official":
             card = official_card(adapter_name)
         elif choice == "smollm2":
@@ -234,6 +235,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="CPU threads for each decoding step: auto (default: one thread or all of torch's, whichever "
                         "decodes faster when measured at load; a small model decodes faster on one), or a number; "
                         "the prompt is always read with all of them (env MM_DECODE_THREADS)")
+    g.add_argument("--int4", action=argparse.BooleanOptionalAction, default=env("MM_INT4", "1") != "0",
+                   help="a GGUF base's 4-bit weights decode through PyTorch's int4 kernel in bfloat16 on a CPU, as "
+                        "stored (default; about 1.7x SmolLM2's decoding speed); --no-int4 decodes from the dense "
+                        "weights (env MM_INT4=0)")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--bgr", dest="bgr", action="store_true", default=None,
                        help="feed BGR pixels (what the released checkpoints were trained on; the official preset's default)")
@@ -250,4 +255,4 @@ def options_from_args(args: argparse.Namespace) -> ModelOptions:
     return ModelOptions(weights_dir=args.weights_dir, model=args.model, adapter=args.adapter, preset=args.preset, llama_dir=args.llama_dir,
                         tokenizer=args.tokenizer, clip=args.clip, device=args.device, dtype=args.dtype,
                         max_seq_len=args.max_seq_len, bgr=args.bgr, quantize=args.quantize,
-                        compile=args.compile, decode_threads=args.decode_threads)
+                        compile=args.compile, decode_threads=args.decode_threads, int4=args.int4)

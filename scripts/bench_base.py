@@ -10,7 +10,8 @@ interleaved; a three-way table with ours / llama.cpp speed ratios follows the re
 
 ``--base`` (a .gguf file or a Hugging Face folder): our model loaded by ``load_model`` (no adapter, no
 CLIP: a text-only model) in float32 (dequantized weights) and, where the CPU runs bf16 natively, in
-bfloat16 (packed, as load_model does by default); transformers' ``AutoModelForCausalLM`` from the same
+bfloat16 (packed, as load_model does by default) and, for a GGUF file, bfloat16 decoding from the
+file's 4-bit codes (``ours-bfloat16-int4``: load_model(int4=True), what the app runs); transformers' ``AutoModelForCausalLM`` from the same
 file in float32. The same chat prompt (the base's chat template), the same number of greedy tokens
 (EOS ignored), the same threads; each model in its own process (peak RSS is per process), their
 timed runs interleaved; medians reported. The greedy tokens of our float32 model must equal
@@ -143,10 +144,15 @@ def prompt(base: Path, chat: list[dict[str, str]] = MESSAGES) -> tuple[list[int]
 
 
 def compare_decoding(a: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    from multimodal.int4 import int4_available
+
     ids, messages, described = prompt(a.base, LONG_MESSAGES if a.prompt == "long" else MESSAGES)
     common = {"base": str(a.base), "threads": a.threads, "ids": ids, "new_tokens": a.new_tokens,
               "max_seq_len": len(ids) + a.new_tokens + 8, "profile_steps": a.profile_steps}
     specs = {f"ours-{d}": Spec(kind="ours", dtype=d, **common) for d in our_dtypes(a.dtypes)}
+    if "ours-bfloat16" in specs and a.base.suffix == ".gguf" and int4_available("cpu", torch.bfloat16):
+        # the app's default for a GGUF base in bfloat16 on the CPU: decoding reads the 4-bit codes (int4.py)
+        specs["ours-bfloat16-int4"] = Spec(kind="ours", dtype="bfloat16", int4=True, **common)
     if a.compile:
         specs["ours-float32-compiled"] = Spec(kind="ours", dtype="float32", compile=True, **common)
     for d in dict.fromkeys(["float32", *our_dtypes(a.hf_dtypes)]):  # float32 always: the token check's reference

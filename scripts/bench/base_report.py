@@ -67,6 +67,9 @@ def decode_section(d: dict[str, Any]) -> list[str]:
     for name, m in models.items():
         if name.startswith("ours-") and m.get("packed_linears"):
             lines.append(f"{name}: {m['packed_linears']} linear weights prepacked for oneDNN (load_model's default).")
+        if m.get("int4_linears"):
+            lines.append(f"{name}: {m['int4_linears']} linear layers decode from the file's 4-bit codes "
+                         "(int4 kernel; prefill reads the packed weights).")
     for name, m in models.items():
         if "ratio_vs_transformers" in m:
             ratio, best = m["ratio_vs_transformers"], m["best_ratio_vs_transformers"]

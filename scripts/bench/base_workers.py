@@ -38,6 +38,7 @@ class Spec:
     profile_steps: int = 0  # decode steps to run under torch.profiler after the timed runs
     messages: list[dict[str, str]] = field(default_factory=list)  # the chat the ids were made from
     compile: bool = False  # ours: the compiled step, reading a GGUF's codes (as Engine(compile=True) with --compile)
+    int4: bool = False  # ours: bfloat16 decoding from a GGUF's 4-bit codes (load_model(int4=True), the app's default)
 
     def write(self, path: Path) -> Path:
         path.write_text(json.dumps(asdict(self)))
@@ -142,6 +143,7 @@ class OursBaseWorker(GreedyRuns):
 
     def __init__(self, spec: Spec) -> None:
         from multimodal.formats import read_base
+        from multimodal.int4 import Int4Product
         from multimodal.loading import load_model
 
         torch.set_num_threads(spec.threads)
@@ -153,13 +155,15 @@ class OursBaseWorker(GreedyRuns):
         del files
         t0 = time.perf_counter()
         compiled = {"pack": False, "codes": Path(spec.base).suffix == ".gguf"} if spec.compile else {}
-        loaded = load_model(spec.base, device="cpu", dtype=spec.dtype, max_seq_len=spec.max_seq_len, **compiled)
+        loaded = load_model(spec.base, device="cpu", dtype=spec.dtype, max_seq_len=spec.max_seq_len, int4=spec.int4,
+                            **compiled)
         self.info["load_s"] = time.perf_counter() - t0
         self.model = loaded.model
         params = list(self.model.parameters())
         self.info |= {"rss_loaded_mib": rss_mib(), "peak_rss_load_mib": peak_rss_mib(),
                       "params": sum(p.numel() for p in params), "packed_linears": sum(p.is_mkldnn for p in params),
-                      "has_vision": self.model.has_vision}
+                      "has_vision": self.model.has_vision,
+                      "int4_linears": sum(len(m.sizes) for m in self.model.modules() if isinstance(m, Int4Product))}
         self.model.llama.setup_cache(batch=1)
         self.ids = torch.tensor([spec.ids])
         self.step = None
