@@ -30,8 +30,8 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
+        # x / sqrt(mean(x^2) + eps) in fp32, as Meta's reference; F.rms_norm is that formula in one call
+        return F.rms_norm(x.float(), x.shape[-1:], None, self.eps).type_as(x) * self.weight
 
 
 def scale_frequencies(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
