@@ -121,18 +121,23 @@ def test_codes_need_plain_weights(tmp_path: Path) -> None:
 def test_compiled_smollm2_answers_as_transformers_does() -> None:
     """The real file through the app's options (``--compile``: codes, float32): the greedy answer
     equals transformers' on the same file."""
-    from transformers import AutoModelForCausalLM
-
     from multimodal.options import ModelOptions
 
     path = smol_path()
     engine = ModelOptions(model="smollm2", device="cpu", compile=True, max_seq_len=256).engine()
     assert engine.model.dtype == torch.float32 and engine.model.llama.output.codes is not None
-    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    ours = engine.complete(ids, None, SamplingParams(max_new_tokens=16, temperature=0.0))
+    ours, expected = answers_beside_transformers(engine, path, "What is the capital of France?")
+    assert ours == expected and "Paris" in ours
+
+
+def answers_beside_transformers(engine: Engine, path: Path, question: str, tokens: int = 16) -> tuple[str, str]:
+    """The engine's greedy answer to one chat question, and transformers' float32 answer on the same file."""
+    from transformers import AutoModelForCausalLM
+
+    ids = engine.tokenizer.encode_chat([{"role": "user", "content": question}])
+    ours = engine.complete(ids, None, SamplingParams(max_new_tokens=tokens, temperature=0.0))
     ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
         out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2)
-    expected = engine.tokenizer.decode([t for t in out[0, len(ids):].tolist() if t != 2])
-    assert ours == expected and "Paris" in ours
+                           max_new_tokens=tokens, do_sample=False, eos_token_id=2, pad_token_id=2)
+    return ours, engine.tokenizer.decode([t for t in out[0, len(ids):].tolist() if t != 2])

@@ -14,13 +14,11 @@ import torch.nn.functional as F
 gguf = pytest.importorskip("gguf")
 from gguf import GGMLQuantizationType as QT  # noqa: E402
 
-from multimodal.adapter import AdaptedLinear  # noqa: E402
 from multimodal.coded import read_codes  # noqa: E402
 from multimodal.formats import read_base  # noqa: E402
-from multimodal.generate import SamplingParams  # noqa: E402
 from multimodal.int4 import MAX_ROWS, Int4Product, attach_int4, int4_available, kernel_form  # noqa: E402
 from multimodal.loading import load_model  # noqa: E402
-from test_coded import quantized, tiny_llama  # noqa: E402
+from test_coded import answers_beside_transformers, quantized, tiny_llama  # noqa: E402
 from test_format_gguf import smol_path, write_gguf  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not int4_available("cpu", torch.bfloat16),
@@ -127,22 +125,29 @@ def test_layers_with_lora_stay_dense(tmp_path: Path) -> None:
 def test_smollm2_decodes_from_its_codes_and_answers_as_transformers_does() -> None:
     """The app's default for the real file (bfloat16 on a CPU with int4): 120 stacked or single products
     (the Q8_0 head stays dense), and the greedy answer equals transformers' float32 one on the same file."""
-    from transformers import AutoModelForCausalLM
-
     from multimodal.options import ModelOptions
 
     path = smol_path()
     engine = ModelOptions(model="smollm2", device="cpu", dtype="bfloat16", max_seq_len=256).engine()
     llama = engine.model.llama
     assert len(products(llama)) == 30 * 4 and llama.output.int4 is None
-    ids = engine.tokenizer.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    ours = engine.complete(ids, None, SamplingParams(max_new_tokens=16, temperature=0.0))
-    ref = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    with torch.no_grad():
-        out = ref.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                           max_new_tokens=16, do_sample=False, eos_token_id=2, pad_token_id=2)
-    expected = engine.tokenizer.decode([t for t in out[0, len(ids):].tolist() if t != 2])
+    ours, expected = answers_beside_transformers(engine, path, "What is the capital of France?")
     assert ours == expected and "Paris" in ours
     plain = ModelOptions(model="smollm2", device="cpu", dtype="bfloat16", max_seq_len=256, int4=False).engine()
     assert not products(plain.model.llama)  # --no-int4
-    assert all(isinstance(m, AdaptedLinear) for m in (llama.output, plain.model.llama.output))
+
+
+def test_int4_is_on_unless_turned_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    from multimodal.options import add_model_args, options_from_args
+
+    def options(*argv: str):
+        parser = argparse.ArgumentParser()
+        add_model_args(parser)
+        return options_from_args(parser.parse_args(list(argv)))
+
+    monkeypatch.delenv("MM_INT4", raising=False)
+    assert options().int4 and options("--int4").int4 and not options("--no-int4").int4
+    monkeypatch.setenv("MM_INT4", "0")
+    assert not options().int4 and options("--int4").int4
