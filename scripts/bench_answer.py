@@ -277,6 +277,7 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
           f"experts: {', '.join(available) or 'none'}\n")
     print(f"CPU: {cpu_name()}, {os.cpu_count()} logical CPUs; torch threads {torch.get_num_threads()}; "
           f"OMP_WAIT_POLICY {os.environ.get('OMP_WAIT_POLICY', 'unset')}; "
+          f"THP_MEM_ALLOC_ENABLE {os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}; "
           f"load average (1 min) {load_start:.2f} at start, {load_end:.2f} at end.")
     measured = timings_text(engine.decode_timings)
     print(f"Decoding steps on {engine.decode_threads} thread(s)"
@@ -296,7 +297,8 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
         ours.json.parent.mkdir(parents=True, exist_ok=True)
         payload = {"model": card, "experts": available, "cpu": cpu_name(), "threads": torch.get_num_threads(),
                    "decode_threads": engine.decode_threads, "decode_timings": engine.decode_timings,
-                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"), "load_1min": [load_start, load_end],
+                   "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+                   "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"), "load_1min": [load_start, load_end],
                    "build_s": build_s, "warm_up_s": warm_s,
                    "answers": [asdict(r) | {"other_s": r.other_s} for r in rows]}
         ours.json.write_text(json.dumps(payload, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -56,7 +56,7 @@ def test_the_script_runs_end_to_end_on_one_photo_with_the_demo_model(
     assert ba.main(["--model", "demo", "--device", "cpu", "--images", "1", "--json", str(out_json)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("### Answer time end to end: demo (toy world), cpu float32, experts: ")
-    assert re.search(r"^CPU: .+, \d+ logical CPUs; torch threads \d+; OMP_WAIT_POLICY \S+; load average \(1 min\) "
+    assert re.search(r"^CPU: .+, \d+ logical CPUs; torch threads \d+; OMP_WAIT_POLICY \S+; THP_MEM_ALLOC_ENABLE \S+; load average \(1 min\) "
                      rf"{NUMBER} at start, {NUMBER} at end\.$", out, re.MULTILINE), out
     assert "answered once about an unrelated drawn image" in out
     for turn, target in (("first (1)", "3.0"), ("follow-up (1)", "1.5")):

@@ -12,7 +12,7 @@ def machine_line(m: dict[str, Any]) -> str:
     start, end = m["load_avg_start"], m.get("load_avg_end", m["load_avg_start"])
     busy = start[0] > m["cores"]
     return (f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; torch threads per worker "
-            f"{m['threads']}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
+            f"{m['threads']}; {m.get('thp', 'huge pages not recorded')}; Python {m['python']}, torch {m['torch']}, transformers {m['transformers']}. "
             f"Load average (1/5/15 min) at start {start[0]:.2f}/{start[1]:.2f}/{start[2]:.2f}, at end "
             f"{end[0]:.2f}/{end[1]:.2f}/{end[2]:.2f}"
             f"{' (above the core count: other jobs shared the CPU)' if busy else ''}.")

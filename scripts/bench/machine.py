@@ -28,11 +28,22 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def huge_pages() -> str:
+    """The kernel's transparent-huge-page mode and whether torch's allocator asks for them, in words."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().split("[")[1].split("]")[0]
+    except (OSError, IndexError):
+        mode = "unknown"
+    asked = os.environ.get("THP_MEM_ALLOC_ENABLE", "0") not in ("", "0")
+    return f"THP {mode}, torch {'asks for them' if asked else 'does not ask'} (THP_MEM_ALLOC_ENABLE)"
+
+
 def machine_info(device: torch.device) -> dict[str, Any]:
     import psutil
     import transformers
 
     info = {"cpu": cpu_model(), "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "thp": huge_pages(),
             "ram_gib": round(psutil.virtual_memory().total / 2**30, 1), "python": platform.python_version(),
             "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device)}
     if device.type == "cuda":

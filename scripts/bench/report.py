@@ -37,7 +37,7 @@ def report(plan: Plan, a: argparse.Namespace, info: dict[str, Any], bw: dict[str
         f"{a.new_tokens} new tokens · median of {a.repeats}",
         "",
         f"Machine: {info['cpu']}, {info['cores']} cores (torch threads {info['torch_threads']}), "
-        f"{info['ram_gib']} GiB RAM{gpu}; Python {info['python']}, torch {info['torch']}, "
+        f"{info['ram_gib']} GiB RAM{gpu}; {info.get('thp', 'huge pages not recorded')}; Python {info['python']}, torch {info['torch']}, "
         f"transformers {info['transformers']} (attention: {hf['attn_implementation']}); "
         f"the two implementations ran {info['schedule']}. 1-minute load average at start / end: "
         f"{info['load_avg_start']:.2f} / {info['load_avg_end']:.2f}"
