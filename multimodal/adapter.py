@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .coded import GroupCodes, coded_linear
-from .int4 import Int4Product
 from .config import AdapterConfig
+from .int4 import Int4Product
 from .packing import linear
 
 

@@ -98,10 +98,8 @@ def attach_int4(llama: nn.Module, codes_of: Callable[[str], GroupCodes | None]) 
     codes. ``codes_of`` maps our weight names ("layers.0.attention.wq.weight") to codes."""
     from .adapter import AdaptedLinear
 
-    def codes(name: str, module: AdaptedLinear) -> GroupCodes | None:
-        if module.lora_a is not None:
-            return None
-        c = codes_of(f"{name}.weight")
+    def read(name: str, module: AdaptedLinear) -> GroupCodes | None:
+        c = None if module.lora_a is not None else codes_of(f"{name}.weight")
         if c is None or c.bits != 4:
             return None
         if tuple(c.codes.shape) != tuple(module.weight.shape):
@@ -109,24 +107,20 @@ def attach_int4(llama: nn.Module, codes_of: Callable[[str], GroupCodes | None]) 
         return c
 
     dtype = llama.tok_embeddings.weight.dtype
-    stacked: set[str] = set()
-    n = 0
-    for i, block in enumerate(getattr(llama, "layers", ())):
-        for owner, attr, names in ((block.attention, "int4_qkv", ("wq", "wk", "wv")),
-                                   (block.feed_forward, "int4_w13", ("w1", "w3"))):
-            prefix = f"layers.{i}.{'attention' if owner is block.attention else 'feed_forward'}"
-            parts = [codes(f"{prefix}.{m}", getattr(owner, m)) for m in names]
-            if len(parts) > 1 and Int4Product.fits(parts):
-                setattr(owner, attr, Int4Product(parts, dtype))
-                stacked.update(f"{prefix}.{m}" for m in names)
-                n += len(parts)
-    for name, module in llama.named_modules():
-        if isinstance(module, AdaptedLinear) and name not in stacked:
-            c = codes(name, module)
+    blocks = [(f"layers.{i}.", block) for i, block in enumerate(getattr(llama, "layers", ()))]
+    for prefix, scope in [*blocks, ("", llama)]:  # block by block (each file tensor read once, a block's at a time)
+        codes = {name: read(prefix + name, m) for name, m in scope.named_modules()
+                 if isinstance(m, AdaptedLinear) and (scope is not llama or not name.startswith("layers."))}
+        if scope is not llama:
+            for part, attr, names in (("attention", "int4_qkv", ("wq", "wk", "wv")),
+                                      ("feed_forward", "int4_w13", ("w1", "w3"))):
+                stack = [f"{part}.{m}" for m in names]
+                if Int4Product.fits([codes[k] for k in stack]):
+                    setattr(getattr(scope, part), attr, Int4Product([codes.pop(k) for k in stack], dtype))
+        for name, c in codes.items():  # the layers not stacked
             if c is not None:
-                module.int4 = Int4Product([c], dtype)
-                n += 1
-    return n
+                scope.get_submodule(name).int4 = Int4Product([c], dtype)
+    return sum(len(p.sizes) for p in llama.modules() if isinstance(p, Int4Product))
 
 
 def first_serving(x: torch.Tensor, *products: nn.Module | None) -> nn.Module | None:

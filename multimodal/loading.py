@@ -19,10 +19,10 @@ import torch
 
 from .adapter import is_base, is_trainable, merge_lora_into_weights
 from .coded import attach_codes
-from .int4 import attach_int4, int4_available
 from .checkpoint import (AdapterCheckpoint, CheckpointError, StateDict, clip_config_from_state, ours_to_official,
                          preview_names, read_adapter, read_meta_llama, read_openai_clip_visual)
 from .config import AdapterConfig, LlamaConfig, ModelConfig, build_preset
+from .int4 import attach_int4, int4_available
 from .formats import read_base
 from .image import ImagePreprocessor
 from .model import MultimodalLlama

@@ -237,7 +237,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                         "the prompt is always read with all of them (env MM_DECODE_THREADS)")
     g.add_argument("--int4", action=argparse.BooleanOptionalAction, default=env("MM_INT4", "1") != "0",
                    help="a GGUF base's 4-bit weights decode through PyTorch's int4 kernel in bfloat16 on a CPU, as "
-                        "stored (default; about 1.7x SmolLM2's decoding speed); --no-int4 decodes from the dense "
+                        "stored (default; about 1.5x SmolLM2's decoding speed); --no-int4 decodes from the dense "
                         "weights (env MM_INT4=0)")
     order = g.add_mutually_exclusive_group()
     order.add_argument("--bgr", dest="bgr", action="store_true", default=None,
