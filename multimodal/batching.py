@@ -25,6 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -75,6 +76,7 @@ class BatchEngine(Engine):
         self._active: dict[int, _Request] = {}
         self._waiting: deque[_Request] = deque()
         self._wake = threading.Condition()
+        self._held = False  # see gathered()
         self._exclusive = threading.Lock()  # held by the scheduler while it touches the model
         self._row_prompts: tuple[tuple[int, ...], list[PromptKV | None] | None] = ((), None)
         self.step_log: deque[tuple[int, float]] = deque(maxlen=65536)  # (requests stepped, seconds): for benchmarks
@@ -101,7 +103,7 @@ class BatchEngine(Engine):
             req.generator = torch.Generator(device=self.model.device).manual_seed(params.seed)
         with self._wake:
             self._waiting.append(req)
-            self._wake.notify()
+            self._wake.notify_all()  # the scheduler, and a gathered() block counting arrivals
         try:
             while True:
                 item = req.out.get()
@@ -129,6 +131,22 @@ class BatchEngine(Engine):
                     return
             time.sleep(0.005)
 
+    @contextmanager
+    def gathered(self, requests: int, timeout: float = 60.0) -> Iterator[None]:
+        """Start nothing while the block runs; at its end, wait until ``requests`` requests are in line
+        (at most ``timeout`` seconds), then admit them together. For benchmarks and tests that need N
+        requests decoding side by side from their first step, whatever their threads' timing: submit
+        them from threads started inside the block. Requests already in flight pause while it runs."""
+        with self._wake:
+            self._held = True
+        try:
+            yield
+        finally:
+            with self._wake:
+                self._wake.wait_for(lambda: len(self._waiting) >= requests, timeout)
+                self._held = False
+                self._wake.notify_all()
+
     def _forget(self) -> None:
         super()._forget()
         self._slot_prompts = [None] * self.slots  # no slot's keys/values count as reusable any more
@@ -138,7 +156,7 @@ class BatchEngine(Engine):
     def _run(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._active:
+                while self._held or (not self._waiting and not self._active):
                     self._wake.wait()
                 admitted = []
                 while self._waiting and len(self._active) < self.slots:

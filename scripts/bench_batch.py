@@ -5,9 +5,9 @@
 A benchmark, not a test. A random model of ``--shape`` (seeded weights, as scripts/benchmark.py builds
 them, with the load-time weight changes the app makes: LoRA folded, bf16 packed where that pays) is put
 in a :class:`BatchEngine` with as many slots as the largest concurrency. For each concurrency N, N
-threads submit at once N different text prompts of ``--prompt-tokens`` tokens (no image: the adapter's
-prompts only) and read ``--new-tokens`` greedy tokens each (stop tokens ignored, so every answer has
-that length). Reported per N, median over ``--repeats``:
+threads submit N different text prompts of ``--prompt-tokens`` tokens (no image: the adapter's prompts
+only), admitted together (``BatchEngine.gathered``), and read ``--new-tokens`` greedy tokens each
+(stop tokens ignored, so every answer has that length). Reported per N, median over ``--repeats``:
 
 - **aggregate decode tok/s**: tokens produced by batched decoding steps over the time those steps took
   (the engine's step log), i.e. what decoding delivers while N requests share it;
@@ -81,8 +81,9 @@ def one_round(engine: Any, n: int, prompts: list[list[int]], new_tokens: int) ->
     start = time.perf_counter()
     threads = [threading.Thread(target=lambda i=i: engine.complete(prompts[i], None, params, stats=stats[i]))
                for i in range(n)]
-    for t in threads:
-        t.start()
+    with engine.gathered(n):  # all n admitted together, however the threads are scheduled
+        for t in threads:
+            t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start

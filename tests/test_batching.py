@@ -60,12 +60,13 @@ def test_batched_greedy_equals_one_at_a_time(load: Callable[[], LoadedModel]) ->
         got[i] = list(engine.token_ids(ids, image, params, stats=stats[i]))
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
+    with engine.gathered(len(jobs)):  # all queued before the first step, whatever the threads' timing
+        for t in threads:
+            t.start()
     for t in threads:
         t.join(timeout=120)
     assert got == expected  # token for token
-    assert max(rows_seen) >= 3  # they really decoded together, more requests than slots queued
+    assert max(rows_seen) == 4  # they really decoded together, every slot busy, more requests than slots queued
     assert [(s.new_tokens, s.stop_reason) for s in stats] == [(s.new_tokens, s.stop_reason) for s in alone_stats]
     assert sum(s.new_tokens for s in stats) > 60 and all(0 < s.first_token_s <= s.total_s for s in stats)
 
@@ -122,6 +123,7 @@ def test_concurrent_api_requests_share_one_batching_engine(load: Callable[[], Lo
     """The OpenAI endpoint on a real loopback server, backed by a BatchEngine: concurrent clients with
     different questions and images get exactly the answers a one-at-a-time engine gives them."""
     import base64
+    import contextlib
     import io
     from concurrent.futures import ThreadPoolExecutor
 
@@ -155,7 +157,9 @@ def test_concurrent_api_requests_share_one_batching_engine(load: Callable[[], Lo
                 assert r.status_code == 200, r.text
                 return r.json()["choices"][0]["message"]["content"]
             with ThreadPoolExecutor(6) as pool:
-                answers[type(engine).__name__] = list(pool.map(ask, range(6)))
+                with engine.gathered(6) if engine is batched else contextlib.nullcontext():
+                    futures = [pool.submit(ask, i) for i in range(6)]  # queued together, whatever the timing
+                answers[type(engine).__name__] = [f.result() for f in futures]
     assert answers["BatchEngine"] == answers["Engine"]
-    assert max(rows_seen) >= 2  # the server's threads really decoded together
+    assert max(rows_seen) == 4  # the server's threads really decoded together, every slot busy
     assert len(set(answers["Engine"])) > 1  # different questions, different answers
