@@ -5,6 +5,8 @@ directly, so anything else shifts the first token away from what the model saw.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 _PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
 _PREAMBLE_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further "
                    "context. Write a response that appropriately completes the request.")
@@ -91,12 +93,20 @@ class ChatTemplateFormat(PromptFormat):
     small model sees once how findings turn into a short answer."""
 
     def __init__(self, tokenizer: "TokenizerBase", system: str | None = SYSTEM_EXPERTS,  # noqa: F821
-                 context_in: str = "user", examples: tuple[tuple[str, str, str], ...] = ()) -> None:
+                 context_in: str = "user", examples: tuple[tuple[str, str, str], ...] = (),
+                 checks: Callable[[str, str | None], str | None] | None = None) -> None:
         if tokenizer.chat_template is None:
             raise ValueError("this base has no chat template")
         if context_in not in ("user", "system", "first"):
             raise ValueError(f"context_in must be 'user', 'system' or 'first', not {context_in!r}")
         self.tokenizer, self.system, self.context_in, self.examples = tokenizer, system, context_in, examples
+        self.checks = checks
+
+    def _ask(self, question: str, findings: str | None) -> str:
+        """The question, with the line ``checks`` writes under it from the conversation's findings (every
+        turn's, the examples' and earlier turns' too, so a follow-up's prompt still extends the last one)."""
+        note = self.checks(question, findings) if self.checks is not None else None
+        return f"{question}\n{note}" if note else question
 
     @staticmethod
     def _user(question: str, context: str | None) -> str:
@@ -104,20 +114,22 @@ class ChatTemplateFormat(PromptFormat):
 
     def messages(self, question: str, history=(), context: str | None = None) -> list[dict[str, str]]:
         system = self.system or ""
+        findings = context
         if context and self.context_in == "system":
             system = f"{system}\n\nFindings about the image:\n{context.strip()}".strip()
             context = None
         out = [{"role": "system", "content": system}] if system else []
         for ex_context, ex_question, ex_answer in self.examples:
-            out += [{"role": "user", "content": self._user(ex_question, ex_context)},
+            out += [{"role": "user", "content": self._user(self._ask(ex_question, ex_context), ex_context)},
                     {"role": "assistant", "content": ex_answer}]
         for i, (q, a) in enumerate(history):
             first = self.context_in == "first" and i == 0
-            out += [{"role": "user", "content": self._user(q.strip(), context) if first else q.strip()},
+            asked = self._ask(q.strip(), findings)
+            out += [{"role": "user", "content": self._user(asked, context) if first else asked},
                     {"role": "assistant", "content": a.strip()}]
         if self.context_in == "first" and history:
             context = None  # already with the first question
-        return out + [{"role": "user", "content": self._user(question.strip(), context)}]
+        return out + [{"role": "user", "content": self._user(self._ask(question.strip(), findings), context)}]
 
     def text(self, question, history=(), context=None) -> str:
         return self.tokenizer.render_chat(self.messages(question, history, context))

@@ -165,17 +165,19 @@ def test_a_follow_up_prompt_extends_the_first_so_its_prefix_is_reused(smollm2: E
     from app.prompting import DEFAULT_STYLE, Prompting, prompting_for
     from multimodal.prompt import ChatTemplateFormat
 
-    assert DEFAULT_STYLE == "prose-examples"
+    assert DEFAULT_STYLE == "prose-checked"
     first = prompting_for(smollm2.prompt_format)
     # the same examples with the findings in the latest user turn (context_in="user")
-    latest = Prompting(ChatTemplateFormat(first.format.tokenizer, first.format.system, examples=first.format.examples),
-                       first.render)
+    latest = Prompting(ChatTemplateFormat(first.format.tokenizer, first.format.system, examples=first.format.examples,
+                                          checks=first.format.checks), first.render)
     findings = first.render("[ocr] ROMA\n[detection] 2 people")
     assert first.format.ids("Where is this?", [], findings) == latest.format.ids("Where is this?", [], findings)
     ids1 = first.format.ids("Where is this?", [], findings)
     ids2 = first.format.ids("How many people?", [("Where is this?", "In Rome.")], findings)
     assert ids2[:len(ids1)] == ids1 and smollm2.tokenizer.decode(ids2[len(ids1):]).startswith("In Rome.")
     assert smollm2.tokenizer.decode(ids2).count("ROMA") == 1  # the findings once, in the first turn
+    new_turn = smollm2.tokenizer.decode(ids2[len(ids1):])
+    assert "How many people?\nFindings check: 2 people.\n" in new_turn  # the check, under the new question
     moved = latest.format.ids("How many people?", [("Where is this?", "In Rome.")], findings)
     assert moved[:len(ids1)] != ids1  # the other style moves them to the latest turn: the prefix breaks
 

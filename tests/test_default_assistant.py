@@ -63,3 +63,17 @@ def test_every_example_shown_for_the_default_model_is_answered_right(default_app
     for example in shown:
         answer, _ = default_app.api_chat(example.path, example.question, [], default_app.expert_names, 0.0, 1.0, 32)
         assert example.is_right(answer), (example.file, answer)
+
+
+def test_yes_no_questions_follow_what_the_experts_found(default_app: ChatApp) -> None:
+    """The findings check under a yes/no question (experts/presence.py): a bus the detector found is
+    answered "yes", a dog that nothing reported "no" (before the check the model said "No" to both)."""
+    everything = default_app.expert_names
+    bus, details = default_app.api_chat(fixture_path("images/bus.jpg"), "Is there a bus in the picture?", [],
+                                        everything, 0.0, 1.0, 24)
+    assert "Findings check: yes (bus: 1 bus)" in details["prompt"]
+    assert bus.lower().startswith("yes"), bus
+    dog, details = default_app.api_chat(fixture_path("images/zidane.jpg"), "Is there a dog in the picture?", [],
+                                        everything, 0.0, 1.0, 24)
+    assert "Findings check: no (dog not listed)" in details["prompt"]
+    assert dog.lower().startswith("no"), dog
