@@ -132,6 +132,18 @@ def ask(app: Any, probe: Probe, image: Any, name: str, turn: str, question: str,
                   expert_s=ran, footer=details.get("stats", ""))
 
 
+class FullLength:
+    """The engine's tokenizer with no stop tokens: every answer runs to the length cap (--full-length)."""
+
+    stop_ids: frozenset[int] = frozenset()
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 def warm_up_image() -> Any:
     """A drawn picture with shapes and large words: no measured photo, yet it takes every expert
     through its first-use work (sessions, model builds) and the model through a whole answer."""
@@ -223,6 +235,9 @@ def split_argv(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                                 "e.g. --model, --device, --dtype, --detector, --experts, --prompt-style.")
     p.add_argument("--images", type=int, default=len(PHOTOS), help="photos to time (default: all %(default)s)")
     p.add_argument("--new-tokens", type=int, default=20, help="answer length cap (default: %(default)s)")
+    p.add_argument("--full-length", action="store_true",
+                   help="ignore the model's end-of-turn tokens, so that every answer is --new-tokens long "
+                        "(the issue's 20-token answer, whatever the model would have said)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write every answer's figures")
     p.add_argument("--toy-world", action="store_true", help="the demo model alone on toy-world images")
@@ -253,6 +268,8 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
     if app.engine is None:
         print(f"no model could be loaded: {app.load_error}", file=sys.stderr)
         return 1
+    if ours.full_length:
+        app.engine.tokenizer = FullLength(app.engine.tokenizer)
     probe = Probe(app)
     experts = list(app.expert_names)
     available = [n for n, why in app.expert_availability().items() if why is None]
@@ -282,7 +299,8 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
     measured = timings_text(engine.decode_timings)
     print(f"Decoding steps on {engine.decode_threads} thread(s)"
           + (f" (a step timed at load: {measured})." if measured else "."))
-    print(f"Greedy answers of at most {ours.new_tokens} new tokens through ChatApp.api_chat; prompt style "
+    length = f"of exactly {ours.new_tokens}" if ours.full_length else f"of at most {ours.new_tokens}"
+    print(f"Greedy answers {length} new tokens through ChatApp.api_chat; prompt style "
           f"{app.prompt_style}. App built in {build_s:.1f} s (model load and experts' set-up); then the model "
           f"and every expert answered once about an unrelated drawn image ({warm_s:.1f} s, not counted).\n")
     if not rows:

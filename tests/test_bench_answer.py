@@ -88,3 +88,14 @@ def test_the_toy_world_mode_still_times_the_demo_model(capsys: pytest.CaptureFix
     assert out.startswith("### One answer end to end, demo model, cpu float32")
     assert re.search(r"^Median \d+\.\d{3} s, max \d+\.\d{3} s per answer", out, re.MULTILINE), out
     assert len([ln for ln in out.splitlines() if re.match(r"^\| \d+ \|", ln)]) == 2
+
+
+def test_full_length_makes_every_answer_exactly_the_cap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """--full-length: the model's end-of-turn tokens are ignored, so the 20-token answer of the target is timed
+    as 20 tokens even where the model would stop sooner (the demo model answers in a word or two)."""
+    fixture_path("images/bus.jpg")
+    out_json = tmp_path / "answers.json"
+    assert ba.main(["--model", "demo", "--device", "cpu", "--images", "1", "--new-tokens", "7", "--full-length",
+                    "--json", str(out_json)]) == 0
+    assert "Greedy answers of exactly 7 new tokens" in capsys.readouterr().out
+    assert [a["new_tokens"] for a in json.loads(out_json.read_text())["answers"]] == [7, 7]
