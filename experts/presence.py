@@ -1,22 +1,25 @@
-"""Yes/no questions about what is in the image, checked against the experts' findings.
+"""Questions about what is in the image (yes/no, how many), checked against the experts' findings.
 
 A 135M chat model reads a count or a line of text from the findings well, but answers nearly every
 yes/no question "No", whatever the findings say: on the real-photo sets its first-token probabilities
 for "Yes" and "No" hardly differ between a bus that was detected and a dog that was not
-(docs/experts.md). So the app does the lookup a reader would do and writes it beside the question:
+(docs/experts.md). So the app does the lookup a reader would do and writes it under the question:
 
     Is one of the men wearing a tie?
-    Checked in the findings: man: listed (2 people); tie: listed (1 tie).
+    Findings check: yes (man: 2 people; tie: 1 tie).
 
 and the model answers from that line. `check` finds the things a question asks about (words the experts
 can name: the detector's COCO classes, the classifier's ImageNet names, words for people and for text),
 and looks each up in the findings: a detected object or an image class whose head word is the thing
 ("tie" in "bow tie", "cat" in "tiger cat", "bus" in "minibus"), a person word for a detected person, a
-text word when OCR read something. It reads the findings as the prompt gives them (tagged lines or
-prose, also when the user edited them), so what it reports is what the model is shown.
+text word when OCR read something, any word of a caption or of a line the user wrote. It reads the
+findings as the prompt gives them (tagged lines or prose, also when the user edited them), so what it
+reports is what the model is shown.
 
-"Not listed" is what it says, not "absent": a detector misses things, and the line says only what the
-findings hold.
+Only questions about presence get a yes or no ("Is there a ...", "Is this a ...", "Is anyone wearing
+...": not "Is the bus blue?", whose bus is listed but whose colour is not); a how-many question gets the
+count of the first thing it names. "Not listed" is what the line says, not "absent": a detector misses
+things.
 """
 from __future__ import annotations
 
@@ -35,8 +38,15 @@ PERSON_WORDS = frozenset({"person", "people", "man", "men", "woman", "women", "b
                           "children", "kid", "human", "player", "guy", "lady", "someone", "anyone", "somebody",
                           "anybody"})
 TEXT_WORDS = frozenset({"text", "writing", "word", "letter", "inscription", "lettering"})
+# The question's own verbs, never things asked about (ImageNet has a "can" and a "hold").
+QUESTION_VERBS = frozenset({"is", "are", "was", "were", "do", "does", "did", "can", "could", "has", "have", "see",
+                            "show", "contain", "wear", "hold", "carry", "look"})
 _YES_NO = re.compile(r"^\s*(is|are|was|were|do|does|did|can|could|has|have)\b", re.IGNORECASE)
 _HOW_MANY = re.compile(r"^\s*how many\b", re.IGNORECASE)
+# A yes/no question asks whether something is there (not "Is the bus blue?", about a listed thing's looks).
+_PRESENCE = re.compile(r"\b(there|see|seen|show|shows|shown|contain|contains|have|has|wearing|wear|wears|holding|"
+                       r"hold|holds|carrying|carry|with|visible|any)\b|^\s*(is|are)\s+(this|that|it|these|those)\b",
+                       re.IGNORECASE)
 _IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
               "geese": "goose", "teeth": "tooth", "feet": "foot", "knives": "knife", "leaves": "leaf",
               "wolves": "wolf", "sheep": "sheep", "fish": "fish", "glasses": "glasses", "bus": "bus",
@@ -49,6 +59,8 @@ _TAG = re.compile(r"^\[(\w+)\]\s*")
 _LEADS = (re.compile(r"^(Objects detected|Image class \([^)]*\)|Caption(?: \([^)]*\))?):\s*"),
           re.compile("^(" + "|".join(re.escape(label) for label in PROSE_LABELS.values()) + "):\\s*"))
 _OCR_LEAD = PROSE_LABELS["ocr"] + ":"
+_NAMED_LEADS = ("Objects detected:", "Image class (", PROSE_LABELS["detection"] + ":",
+                PROSE_LABELS["classification"] + ":")
 
 
 def singular(word: str) -> str:
@@ -97,31 +109,39 @@ def object_words() -> frozenset[str]:
 
 
 def asked_things(question: str) -> list[str]:
-    """The things a yes/no or how-many question asks about, singular, in order ([] for any other
-    question)."""
-    if not (_YES_NO.match(question) or _HOW_MANY.match(question)):
+    """The things a question about presence ("Is there a ...", "Is this a ...", "Is anyone wearing a
+    ...") or a how-many question asks about, singular, in order ([] for any other question)."""
+    if not ((_YES_NO.match(question) and _PRESENCE.search(question)) or _HOW_MANY.match(question)):
         return []
     vocabulary = object_words()
     out: list[str] = []
     for word in _WORD.findall(question.lower()):
         thing = singular(word)
+        if thing in QUESTION_VERBS or word in QUESTION_VERBS:
+            continue
         if (thing in vocabulary or word in vocabulary) and thing not in SCENE_WORDS and thing not in out:
             out.append(thing)
     return out
 
 
 def listed_items(findings: str) -> list[tuple[str, str]]:
-    """(item as written, kind) for every item of the findings: kind "text" for what OCR read, else
-    "name" for a detected object or image class ("4 people", "bow tie 0.10")."""
+    """(item as written, kind) for every item of the findings: "name" for a detected object or an image
+    class ("4 people", "bow tie 0.10"), "text" for what OCR read, "free" for any other line (a caption,
+    or a line the user wrote into the context)."""
     items: list[tuple[str, str]] = []
     for raw in findings.splitlines():
         line = raw.strip()
         tag = _TAG.match(line)
         name = tag[1] if tag else ""
         line = line[tag.end():] if tag else line
+        if not line:
+            continue
         if name == "ocr" or line.startswith(_OCR_LEAD):
             if not line.startswith("No "):
                 items.append((line.removeprefix(_OCR_LEAD).strip(), "text"))
+            continue
+        if not (name in ("detection", "classification") or line.startswith(_NAMED_LEADS)):
+            items.append((line, "free"))
             continue
         for lead in _LEADS:
             line = lead.sub("", line)
@@ -134,7 +154,11 @@ def listed_items(findings: str) -> list[tuple[str, str]]:
     return items
 
 
-def _names(item: str, thing: str) -> bool:
+def _names(item: str, kind: str, thing: str) -> bool:
+    """Whether a listed item names the thing: a name by its head word, free text by any of its words."""
+    if kind == "free":
+        words = {singular(w) for w in _WORD.findall(item.lower())}
+        return bool(words & PERSON_WORDS) if thing in PERSON_WORDS else thing in words
     head = _head(_SCORE.sub("", _COUNT.sub("", item)))
     if not head:
         return False
@@ -157,7 +181,8 @@ def check(question: str, findings: str | None) -> str | None:
         if thing in TEXT_WORDS:
             hit = "text was read" if any(kind == "text" for _, kind in items) else None
         else:
-            hit = next((item for item, kind in items if kind == "name" and _names(item, thing)), None)
+            hit = next((item if kind == "name" else "mentioned" for item, kind in items
+                        if kind != "text" and _names(item, kind, thing)), None)
         if hit:
             found.append(f"{thing}: {hit}")
         else:

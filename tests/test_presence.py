@@ -32,6 +32,9 @@ def test_things_asked_come_only_from_yes_no_and_how_many_questions() -> None:
     assert asked_things("Is there a dog in the photo?") == ["dog"]
     assert asked_things("What colour is the bus?") == []
     assert asked_things("Is it raining?") == []  # nothing an expert names
+    assert asked_things("Is the bus blue?") == []  # about the bus's looks, not whether it is there
+    assert asked_things("Is this animal a cat?") == ["cat"]
+    assert asked_things("Can you see a dog?") == ["dog"]
 
 
 @pytest.mark.parametrize("findings", [TAGGED, as_prose(TAGGED)], ids=["tagged", "prose"])
@@ -53,3 +56,12 @@ def test_a_head_word_names_the_thing_and_nothing_is_a_no() -> None:
     assert listed_items(nothing) == []
     assert check("Is there any text?", nothing) == "Findings check: no (text not listed)."
     assert check("Is there a bus?", "") is None and check("Is there a bus?", None) is None
+
+
+def test_a_caption_or_a_line_the_user_wrote_is_read_word_by_word() -> None:
+    edited = "There is a red car on the left and a woman with an umbrella.\n[ocr] \"EXIT\""
+    assert check("Is there a car?", edited) == "Findings check: yes (car: mentioned)."
+    assert check("Is there a woman?", edited) == "Findings check: yes (woman: mentioned)."
+    assert check("Is there a bus?", edited) == "Findings check: no (bus not listed)."
+    caption = "[caption] Caption (assembled from the other experts): a minibus and two dogs."
+    assert check("Is there a dog?", caption) == "Findings check: yes (dog: mentioned)."
