@@ -137,7 +137,7 @@ BALANCED_EXAMPLES = EXAMPLES[:2] + (  # the count and the "No", then a second sc
 # development set are in docs/experts.md; DEFAULT_STYLE is the best of them there and on the check set
 # (prose-example-first asks a first question exactly as prose-example does, and makes follow-ups cheaper
 # to prefill; prose-examples does the same with the balanced examples; prose-checked adds the findings
-# check under yes/no and how-many questions).
+# check under presence and how-many questions).
 PROMPT_STYLES: dict[str, tuple[Callable[[str], str], dict]] = {
     "findings": (lambda c: c, {}),  # the tagged lines ("[ocr] ...") in the user turn
     "system": (lambda c: c, {"context_in": "system"}),  # the tagged lines in the system turn
@@ -146,8 +146,9 @@ PROMPT_STYLES: dict[str, tuple[Callable[[str], str], dict]] = {
     # the same, the findings kept with the first question about the image (follow-ups reuse the prefix)
     "prose-example-first": (as_prose, {"examples": EXAMPLES, "context_in": "first"}),
     "prose-examples": (as_prose, {"examples": BALANCED_EXAMPLES, "context_in": "first"}),
-    # the same, and under a yes/no question the line experts/presence.py writes: each thing it asks about,
-    # listed in the findings or not (the small model answers yes/no questions "No" whatever the findings say)
+    # the same, and under a question about presence or a count the line experts/presence.py writes: each
+    # thing it asks about, listed in the findings or not (the small model answered yes/no questions "No"
+    # whatever the findings said)
     "prose-checked": (as_prose, {"examples": BALANCED_EXAMPLES, "context_in": "first", "checks": check_presence}),
     # for a base tuned to read findings (multimodal/train/findings.py): the form it was tuned on, no examples
     "prose-tuned": (as_prose, {"context_in": "first"}),

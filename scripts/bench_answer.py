@@ -132,18 +132,6 @@ def ask(app: Any, probe: Probe, image: Any, name: str, turn: str, question: str,
                   expert_s=ran, footer=details.get("stats", ""))
 
 
-class FullLength:
-    """The engine's tokenizer with no stop tokens: every answer runs to the length cap (--full-length)."""
-
-    stop_ids: frozenset[int] = frozenset()
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-
 def warm_up_image() -> Any:
     """A drawn picture with shapes and large words: no measured photo, yet it takes every expert
     through its first-use work (sessions, model builds) and the model through a whole answer."""
@@ -269,7 +257,9 @@ def photos(ours: argparse.Namespace, rest: list[str]) -> int:
         print(f"no model could be loaded: {app.load_error}", file=sys.stderr)
         return 1
     if ours.full_length:
-        app.engine.tokenizer = FullLength(app.engine.tokenizer)
+        from bench.timing import NoStops
+
+        app.engine.tokenizer = NoStops(app.engine.tokenizer)
     probe = Probe(app)
     experts = list(app.expert_names)
     available = [n for n, why in app.expert_availability().items() if why is None]

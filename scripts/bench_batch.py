@@ -36,21 +36,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from bench.machine import machine_info  # noqa: E402
 from bench.shapes import DTYPES, SHAPES, fill_base_weights, model_config  # noqa: E402
-from bench.timing import prompt_ids  # noqa: E402
+from bench.timing import NoStops, prompt_ids  # noqa: E402
 
 TOKENIZER = ROOT.parent / "shared" / "fixtures" / "llama" / "tokenizer.model"
-
-
-class NoStops:
-    """A tokenizer whose answers never end early: every run decodes exactly --new-tokens."""
-
-    def __init__(self, inner: Any) -> None:
-        self._inner = inner
-
-    stop_ids = frozenset()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
 
 
 def build_engine(shape: str, dtype: torch.dtype, slots: int, max_seq_len: int, seed: int) -> Any:

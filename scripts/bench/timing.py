@@ -70,6 +70,19 @@ def cuda_peak_mib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
+class NoStops:
+    """A tokenizer whose answers never end early: no stop tokens, so every answer runs to its length cap
+    (benchmarks that time a fixed number of new tokens)."""
+
+    stop_ids: frozenset[int] = frozenset()
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
 def median_dict(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
