@@ -43,6 +43,7 @@ QUESTION_VERBS = frozenset({"is", "are", "was", "were", "do", "does", "did", "ca
                             "show", "contain", "wear", "hold", "carry", "look"})
 _YES_NO = re.compile(r"^\s*(is|are|was|were|do|does|did|can|could|has|have)\b", re.IGNORECASE)
 _HOW_MANY = re.compile(r"^\s*how many\b", re.IGNORECASE)
+_CHOICE = re.compile(r"\bor\b", re.IGNORECASE)  # "Is it a cat or a dog?": a choice, not a yes/no
 # A yes/no question asks whether something is there (not "Is the bus blue?", about a listed thing's looks).
 _PRESENCE = re.compile(r"\b(there|see|seen|show|shows|shown|contain|contains|have|has|wearing|wear|wears|holding|"
                        r"hold|holds|carrying|carry|with|visible|any)\b|^\s*(is|are)\s+(this|that|it|these|those)\b",
@@ -168,28 +169,31 @@ def _names(item: str, kind: str, thing: str) -> bool:
 
 
 def check(question: str, findings: str | None) -> str | None:
-    """The line written under a yes/no question: each thing it asks about, listed in the findings or
-    not. None when the question is not a yes/no question about things, or there are no findings."""
+    """The line written under a question about presence or a count (module docstring); None for any
+    other question, or when there are no findings.
+
+    Presence: "yes" when every thing asked about is listed, else "no" naming what is not; a question
+    that offers a choice ("a cat or a dog?") gets each thing's finding and no verdict. How many: the
+    first thing's count as listed."""
     if not findings or not findings.strip():
         return None
     things = asked_things(question)
     if not things:
         return None
     items = listed_items(findings)
-    found, missing = [], []
+    hits: dict[str, str | None] = {}
     for thing in things:
         if thing in TEXT_WORDS:
-            hit = "text was read" if any(kind == "text" for _, kind in items) else None
+            hits[thing] = "text was read" if any(kind == "text" for _, kind in items) else None
         else:
-            hit = next((item if kind == "name" else "mentioned" for item, kind in items
-                        if kind != "text" and _names(item, kind, thing)), None)
-        if hit:
-            found.append(f"{thing}: {hit}")
-        else:
-            missing.append(thing)
+            hits[thing] = next((item if kind == "name" else "mentioned" for item, kind in items
+                                if kind != "text" and _names(item, kind, thing)), None)
     if _HOW_MANY.match(question):  # the count of the first thing asked about ("how many men with hats")
-        first = found[0].split(": ", 1)[1] if found and found[0].startswith(things[0] + ":") else None
+        first = hits[things[0]]
         return f"Findings check: {first}." if first else f"Findings check: no {things[0]} listed."
+    if len(things) > 1 and _CHOICE.search(question):
+        return "Findings check: " + "; ".join(f"{t}: {h}" if h else f"{t}: not listed" for t, h in hits.items()) + "."
+    missing = [t for t, h in hits.items() if h is None]
     if missing:
         return f"Findings check: no ({', '.join(missing)} not listed)."
-    return f"Findings check: yes ({'; '.join(found)})."
+    return "Findings check: yes (" + "; ".join(f"{t}: {h}" for t, h in hits.items()) + ")."
