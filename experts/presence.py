@@ -6,7 +6,7 @@ for "Yes" and "No" hardly differ between a bus that was detected and a dog that 
 (docs/experts.md). So the app does the lookup a reader would do and writes it under the question:
 
     Is one of the men wearing a tie?
-    Findings check: yes (man: 2 people; tie: 1 tie).
+    Findings check: yes (tie: 1 tie).
 
 and the model answers from that line. `check` finds the things a question asks about (words the experts
 can name: the detector's COCO classes, the classifier's ImageNet names, words for people and for text),
@@ -45,8 +45,10 @@ _YES_NO = re.compile(r"^\s*(is|are|was|were|do|does|did|can|could|has|have)\b", 
 _HOW_MANY = re.compile(r"^\s*how many\b", re.IGNORECASE)
 _CHOICE = re.compile(r"\bor\b", re.IGNORECASE)  # "Is it a cat or a dog?": a choice, not a yes/no
 # A yes/no question asks whether something is there (not "Is the bus blue?", about a listed thing's looks).
+# The things asked about are the words after the first of these ("Does the bus have a stripe?" asks about
+# a stripe, not about the bus).
 _PRESENCE = re.compile(r"\b(there|see|seen|show|shows|shown|contain|contains|have|has|wearing|wear|wears|holding|"
-                       r"hold|holds|carrying|carry|with|visible|any)\b|^\s*(is|are)\s+(this|that|it|these|those)\b",
+                       r"hold|holds|carrying|carry|visible)\b|^\s*(is|are)\s+(this|that|it|these|those)\b",
                        re.IGNORECASE)
 _IRREGULAR = {"people": "person", "men": "man", "women": "woman", "children": "child", "mice": "mouse",
               "geese": "goose", "teeth": "tooth", "feet": "foot", "knives": "knife", "leaves": "leaf",
@@ -112,11 +114,12 @@ def object_words() -> frozenset[str]:
 def asked_things(question: str) -> list[str]:
     """The things a question about presence ("Is there a ...", "Is this a ...", "Is anyone wearing a
     ...") or a how-many question asks about, singular, in order ([] for any other question)."""
-    if not ((_YES_NO.match(question) and _PRESENCE.search(question)) or _HOW_MANY.match(question)):
+    lead = _HOW_MANY.match(question) or (_PRESENCE.search(question) if _YES_NO.match(question) else None)
+    if lead is None:
         return []
     vocabulary = object_words()
     out: list[str] = []
-    for word in _WORD.findall(question.lower()):
+    for word in _WORD.findall(question[lead.end():].lower()):
         thing = singular(word)
         if thing in QUESTION_VERBS or word in QUESTION_VERBS:
             continue
