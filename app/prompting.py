@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from experts.context import as_prose
-from experts.presence import check as check_presence
+from experts.presence import check as check_presence, object_words
 from multimodal.prompt import ChatTemplateFormat, PromptFormat
 
 TokenCounter = Callable[[str], int]
@@ -182,4 +182,6 @@ def prompting_for(fmt: PromptFormat, style: str = DEFAULT_STYLE) -> Prompting:
         render, options = PROMPT_STYLES[style]
     except KeyError:
         raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}") from None
+    if options.get("checks") is check_presence:
+        object_words()  # its vocabulary imports timm (seconds): at start, not in the first question's wait
     return Prompting(ChatTemplateFormat(fmt.tokenizer, fmt.system, **options), render)

@@ -63,15 +63,20 @@ class AdaptedLinear(nn.Linear):
         self.codes, self.code_scale = c.codes.to(device), c.scale.to(device)
         self.code_offset = c.offset.to(device) if c.offset is not None else None
 
-    def base(self, x: torch.Tensor) -> torch.Tensor:
-        """The frozen product W x: from the codes inside a compiled graph (where the expansion fuses
-        into the product), from the int4 codes for a decoding step's row, else from the weight,
-        which may be packed (packing.py)."""
+    def _from_codes(self, x: torch.Tensor) -> torch.Tensor | None:
+        """W x from the file's codes where they serve ``x``: inside a compiled graph (where the expansion
+        fuses into the product), or the int4 kernel for a decoding step's row; None: use the weight."""
         if self.codes is not None and torch.compiler.is_compiling():
             return coded_linear(x, self.codes, self.code_scale, self.code_offset)
         if self.int4 is not None and self.int4.serves(x):
             return self.int4(x)[0]
-        return linear(x, self.weight)
+        return None
+
+    def base(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen product W x: from the codes where they serve (_from_codes), else from the weight,
+        which may be packed (packing.py)."""
+        y = self._from_codes(x)
+        return y if y is not None else linear(x, self.weight)
 
     def finish(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """The layer's output from the frozen product ``y`` = W x computed elsewhere (a fused product
@@ -79,10 +84,9 @@ class AdaptedLinear(nn.Linear):
         return self._tuned(x, y if self.bias is None else y + self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.codes is not None and torch.compiler.is_compiling():
-            return self.finish(x, coded_linear(x, self.codes, self.code_scale, self.code_offset))
-        if self.int4 is not None and self.int4.serves(x):
-            return self.finish(x, self.int4(x)[0])
+        y = self._from_codes(x)
+        if y is not None:
+            return self.finish(x, y)
         return self._tuned(x, linear(x, self.weight, self.bias))  # bias inside the product (addmm)
 
     def _tuned(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -67,6 +67,7 @@ class Int4Product(nn.Module):
         scales_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1)  # [groups, sum out, 2]
         self.register_buffer("packed", packed, persistent=False)
         self.register_buffer("scales_zeros", scales_zeros.contiguous().to(dtype), persistent=False)
+        self._mm = getattr(torch.ops.aten, _MM)  # looked up once: forward runs 120 times a SmolLM2 step
 
     @staticmethod
     def fits(parts: list[GroupCodes | None]) -> bool:
@@ -83,7 +84,7 @@ class Int4Product(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         """x [..., in] -> each layer's W x, [..., out_i] (no bias: AdaptedLinear.finish adds it)."""
         rows = x.reshape(-1, x.shape[-1])  # [..., in] -> [rows, in]
-        y = getattr(torch.ops.aten, _MM)(rows, self.packed, GROUP, self.scales_zeros)  # [rows, sum out]
+        y = self._mm(rows, self.packed, GROUP, self.scales_zeros)  # [rows, sum out]
         return list(y.view(*x.shape[:-1], y.shape[-1]).split(self.sizes, dim=-1))
 
     def extra_repr(self) -> str:
