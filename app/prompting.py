@@ -23,7 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
-from experts.context import as_prose
+from experts.context import as_prose, without_details
+from experts.lookup import check as check_lookups
 from experts.presence import check as check_presence, object_words
 from multimodal.prompt import ChatTemplateFormat, PromptFormat
 
@@ -81,7 +82,8 @@ def assemble(question: str, history: list[tuple[str, str]], context: str | None,
     question = question.strip()
     context = (context or "").strip() or None
     count = fmt.count
-    q_tokens, c_tokens = (count(question) if question else 0), (count(context) if context else 0)
+    shown = fmt.visible(context)
+    q_tokens, c_tokens = (count(question) if question else 0), (count(shown) if shown else 0)
 
     def size(turns: list[tuple[str, str]]) -> int:
         return len(fmt.ids(question, turns, context))
@@ -137,7 +139,7 @@ BALANCED_EXAMPLES = EXAMPLES[:2] + (  # the count and the "No", then a second sc
 # development set are in docs/experts.md; DEFAULT_STYLE is the best of them there and on the check set
 # (prose-example-first asks a first question exactly as prose-example does, and makes follow-ups cheaper
 # to prefill; prose-examples does the same with the balanced examples; prose-checked adds the findings
-# check under presence and how-many questions).
+# check under presence and how-many questions; prose-lookup adds the colour and naming lookups).
 PROMPT_STYLES: dict[str, tuple[Callable[[str], str], dict]] = {
     "findings": (lambda c: c, {}),  # the tagged lines ("[ocr] ...") in the user turn
     "system": (lambda c: c, {"context_in": "system"}),  # the tagged lines in the system turn
@@ -150,10 +152,13 @@ PROMPT_STYLES: dict[str, tuple[Callable[[str], str], dict]] = {
     # thing it asks about, listed in the findings or not (the small model answered yes/no questions "No"
     # whatever the findings said)
     "prose-checked": (as_prose, {"examples": BALANCED_EXAMPLES, "context_in": "first", "checks": check_presence}),
+    # the same, and the detail lookups of experts/lookup.py: under a question about colour the colour of
+    # the thing it names, under one after a name the text that names that kind of thing
+    "prose-lookup": (as_prose, {"examples": BALANCED_EXAMPLES, "context_in": "first", "checks": check_lookups}),
     # for a base tuned to read findings (multimodal/train/findings.py): the form it was tuned on, no examples
     "prose-tuned": (as_prose, {"context_in": "first"}),
 }
-DEFAULT_STYLE = "prose-checked"
+DEFAULT_STYLE = "prose-lookup"
 AUTO_STYLE = "auto"  # the adapter file's own style when it names one (a tuned adapter does), else DEFAULT_STYLE
 
 
@@ -177,11 +182,12 @@ def prompting_for(fmt: PromptFormat, style: str = DEFAULT_STYLE) -> Prompting:
     """For a base with a chat template, the chosen style; the Alpaca template (released adapters, the
     demo model) keeps the tagged lines its models were trained with."""
     if not isinstance(fmt, ChatTemplateFormat):
-        return Prompting(fmt, lambda c: c)
+        return Prompting(fmt, without_details)
     try:
         render, options = PROMPT_STYLES[style]
     except KeyError:
         raise ValueError(f"unknown prompt style {style!r}; choose one of {', '.join(PROMPT_STYLES)}") from None
-    if options.get("checks") is check_presence:
+    if options.get("checks") in (check_presence, check_lookups):
         object_words()  # its vocabulary imports timm (seconds): at start, not in the first question's wait
-    return Prompting(ChatTemplateFormat(fmt.tokenizer, fmt.system, **options), render)
+    # detail lines (an object's colour, text blocks) reach the model only through the checks' lines
+    return Prompting(ChatTemplateFormat(fmt.tokenizer, fmt.system, shown=without_details, **options), render)

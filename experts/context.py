@@ -109,6 +109,22 @@ PROSE_LABELS = {
 _TAG = re.compile(r"^\[(\w+)\]\s*(.*)$")
 _LEAD = re.compile(r"^(Objects detected|Image class \([^)]*\)|Caption(?: \([^)]*\))?):\s*")
 
+# Lines an expert writes for lookups, not for reading: the colour of each detected object, OCR lines that
+# belong together. The panel shows them; a prompt gives them only through the check line written under a
+# question that asks for them (experts/lookup.py), so that they do not change every other prompt.
+DETAIL_LEADS = ("Colours:", "Text blocks:")
+
+
+def is_detail(line: str) -> bool:
+    """Whether a context line (tagged "[detection] Colours: ..." or not) is a detail line."""
+    m = _TAG.match(line.strip())
+    return (m[2] if m else line.strip()).startswith(DETAIL_LEADS)
+
+
+def without_details(block: str) -> str:
+    """The context without its detail lines: what a prompt shows of the findings."""
+    return "\n".join(line for line in block.splitlines() if not is_detail(line))
+
 
 def as_prose(block: str) -> str:
     """The context block ("[name] line" lines) rewritten as one labelled sentence per expert: OCR lines
@@ -116,7 +132,7 @@ def as_prose(block: str) -> str:
     Lines without a tag (an edited context) pass through unchanged. An expert's "found nothing" line
     ("No text found.") is left out: the small model took it as an answer to unrelated questions ("How
     many people?" -> "There is no text found."), and leaving it out scored better on both question sets
-    (docs/experts.md); the panel still shows it."""
+    (docs/experts.md); the panel still shows it. Detail lines stay lines of their own, untagged."""
     grouped: dict[str, list[str]] = {}
     order: list[str] = []
     for line in block.splitlines():
@@ -124,6 +140,8 @@ def as_prose(block: str) -> str:
         name, text = (m[1], m[2]) if m else ("", line.strip())
         if not text:
             continue
+        if text.startswith(DETAIL_LEADS):  # kept as its own line, for the lookups
+            name = f"{name}:detail"
         if name not in grouped:
             grouped[name], _ = [], order.append(name)
         # the classifier's probabilities stay numbers: putting them in words ("most likely a street sign")
@@ -134,7 +152,9 @@ def as_prose(block: str) -> str:
         found = [p for p in grouped[name] if not p.startswith("No ")]  # not "No text found."
         if not found:
             continue
-        if not name or name not in PROSE_LABELS:
+        if name.endswith(":detail"):
+            out += [f"{p}." for p in found]
+        elif not name or name not in PROSE_LABELS:
             out += found
         else:
             out.append(f"{PROSE_LABELS[name]}: " + (", " if name == "ocr" else "; ").join(found) + ".")

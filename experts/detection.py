@@ -18,7 +18,8 @@ from typing import Any, Mapping
 from PIL import Image, ImageDraw, ImageFont
 
 from .base import Expert, Output, file_settings
-from .describe import count_phrase, region, regions_phrase
+from .colour import main_colour
+from .describe import count_phrase, plural, region, regions_phrase
 from .weightfiles import lookup
 
 EXPORTED_SUFFIXES = (".onnx", ".torchscript")
@@ -145,13 +146,14 @@ class DetectionExpert(Expert):
                 "score": round(float(score), 4),
                 "box": [round(float(v), 1) for v in box],
                 "position": region(box, width, height),
+                "colour": main_colour(image, box),
             })
         return found
 
     def _run(self, image: Image.Image) -> Output:
         found = self.detect(image)
         return Output(
-            context=describe_detections(found),
+            context="\n".join(filter(None, (describe_detections(found), describe_colours(found)))),
             data={"detections": found, "counts": class_counts(found), "conf": self.config.conf,
                   "model": str(self._model_file)},
             annotated=draw_boxes(image, found),
@@ -179,6 +181,29 @@ def describe_detections(found: list[dict[str, Any]]) -> str:
     parts = [f"{count_phrase(len(dets), label)} ({regions_phrase(d['position'] for d in dets)})"
              for label, dets in ordered]
     return "Objects detected: " + ", ".join(parts) + "."
+
+
+def describe_colours(found: list[dict[str, Any]]) -> str:
+    """'Colours: bus: blue; people: 2 black, 1 white.' (a detail line, experts/context.py): each class's
+    objects' main colours, classes in the order of `describe_detections`; '' when nothing was found."""
+    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for det in found:
+        if det.get("colour"):
+            by_label[det["label"]].append(det)
+    if not by_label:
+        return ""
+    ordered = sorted(by_label.items(), key=lambda kv: (-len(kv[1]), -max(d["score"] for d in kv[1])))
+    parts = []
+    for label, dets in ordered:
+        if len(dets) == 1:
+            parts.append(f"{label}: {dets[0]['colour']}")
+            continue
+        counts: dict[str, int] = defaultdict(int)
+        for det in dets:  # by score, so the most certain object's colour comes first among equals
+            counts[det["colour"]] += 1
+        ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+        parts.append(f"{plural(label)}: " + ", ".join(f"{n} {colour}" for colour, n in ranked))
+    return "Colours: " + "; ".join(parts) + "."
 
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),

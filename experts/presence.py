@@ -28,7 +28,7 @@ import re
 from functools import lru_cache
 from pathlib import Path
 
-from .context import PROSE_LABELS
+from .context import PROSE_LABELS, is_detail
 
 # Words for things every question could mention that no expert lists (the picture itself).
 SCENE_WORDS = frozenset({"photo", "photograph", "picture", "image", "scene", "background", "foreground",
@@ -135,6 +135,8 @@ def listed_items(findings: str) -> list[tuple[str, str]]:
     items: list[tuple[str, str]] = []
     for raw in findings.splitlines():
         line = raw.strip()
+        if is_detail(line):  # colours and text blocks are looked up by experts/lookup.py
+            continue
         tag = _TAG.match(line)
         name = tag[1] if tag else ""
         line = line[tag.end():] if tag else line

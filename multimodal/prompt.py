@@ -59,6 +59,10 @@ class PromptFormat:
     def ids(self, question: str, history: list[tuple[str, str]] | tuple = (), context: str | None = None) -> list[int]:
         raise NotImplementedError
 
+    def visible(self, context: str | None) -> str | None:
+        """What of the expert context the prompt shows (all of it, unless a format leaves lines out)."""
+        return context
+
     def count(self, text: str) -> int:
         raise NotImplementedError
 
@@ -90,17 +94,20 @@ class ChatTemplateFormat(PromptFormat):
     engine prefills only the new turn (the previous request's keys/values are reused).
 
     ``examples`` are (context, question, answer) exchanges shown before the conversation, so that a
-    small model sees once how findings turn into a short answer."""
+    small model sees once how findings turn into a short answer. ``checks`` writes a line under each
+    question from the whole findings; ``shown`` picks what of the findings the prompt shows (the app
+    keeps lines meant only for the checks out)."""
 
     def __init__(self, tokenizer: "TokenizerBase", system: str | None = SYSTEM_EXPERTS,  # noqa: F821
                  context_in: str = "user", examples: tuple[tuple[str, str, str], ...] = (),
-                 checks: Callable[[str, str | None], str | None] | None = None) -> None:
+                 checks: Callable[[str, str | None], str | None] | None = None,
+                 shown: Callable[[str], str] | None = None) -> None:
         if tokenizer.chat_template is None:
             raise ValueError("this base has no chat template")
         if context_in not in ("user", "system", "first"):
             raise ValueError(f"context_in must be 'user', 'system' or 'first', not {context_in!r}")
         self.tokenizer, self.system, self.context_in, self.examples = tokenizer, system, context_in, examples
-        self.checks = checks
+        self.checks, self.shown = checks, shown
 
     def _ask(self, question: str, findings: str | None) -> str:
         """The question, with the line ``checks`` writes under it from the conversation's findings (every
@@ -108,15 +115,21 @@ class ChatTemplateFormat(PromptFormat):
         note = self.checks(question, findings) if self.checks is not None else None
         return f"{question}\n{note}" if note else question
 
-    @staticmethod
-    def _user(question: str, context: str | None) -> str:
+    def _user(self, question: str, context: str | None) -> str:
+        context = self.visible(context)
         return f"Findings about the image:\n{context.strip()}\n\nQuestion: {question}" if context else question
+
+    def visible(self, context: str | None) -> str | None:
+        if context and self.shown is not None:
+            context = self.shown(context).strip() or None
+        return context
 
     def messages(self, question: str, history=(), context: str | None = None) -> list[dict[str, str]]:
         system = self.system or ""
         findings = context
         if context and self.context_in == "system":
-            system = f"{system}\n\nFindings about the image:\n{context.strip()}".strip()
+            shown = self.visible(context)
+            system = f"{system}\n\nFindings about the image:\n{shown.strip()}".strip() if shown else system
             context = None
         out = [{"role": "system", "content": system}] if system else []
         for ex_context, ex_question, ex_answer in self.examples:

@@ -165,12 +165,12 @@ def test_a_follow_up_prompt_extends_the_first_so_its_prefix_is_reused(smollm2: E
     from app.prompting import DEFAULT_STYLE, Prompting, prompting_for
     from multimodal.prompt import ChatTemplateFormat
 
-    assert DEFAULT_STYLE == "prose-checked"
+    assert DEFAULT_STYLE == "prose-lookup"
     first = prompting_for(smollm2.prompt_format)
     # the same examples with the findings in the latest user turn (context_in="user")
     latest = Prompting(ChatTemplateFormat(first.format.tokenizer, first.format.system, examples=first.format.examples,
-                                          checks=first.format.checks), first.render)
-    findings = first.render("[ocr] ROMA\n[detection] 2 people")
+                                          checks=first.format.checks, shown=first.format.shown), first.render)
+    findings = first.render("[ocr] ROMA\n[detection] 2 people\n[detection] Colours: people: 2 black.")
     assert first.format.ids("Where is this?", [], findings) == latest.format.ids("Where is this?", [], findings)
     ids1 = first.format.ids("Where is this?", [], findings)
     ids2 = first.format.ids("How many people?", [("Where is this?", "In Rome.")], findings)
@@ -178,6 +178,13 @@ def test_a_follow_up_prompt_extends_the_first_so_its_prefix_is_reused(smollm2: E
     assert smollm2.tokenizer.decode(ids2).count("ROMA") == 1  # the findings once, in the first turn
     new_turn = smollm2.tokenizer.decode(ids2[len(ids1):])
     assert "How many people?\nFindings check: 2 people.\n" in new_turn  # the check, under the new question
+    ids3 = first.format.ids("What colour are they?", [("Where is this?", "In Rome."), ("How many people?", "Two.")],
+                            findings)
+    assert ids3[:len(ids2)] == ids2  # extends the follow-up's prompt too
+    prompt = smollm2.tokenizer.decode(ids3)
+    # the colours line is not among the findings shown, only in the check under the question that asks
+    assert "Colours" not in prompt and prompt.count("black") == 1
+    assert "What colour are they?\nFindings check: the people: 2 black.\n" in prompt
     moved = latest.format.ids("How many people?", [("Where is this?", "In Rome.")], findings)
     assert moved[:len(ids1)] != ids1  # the other style moves them to the latest turn: the prefix breaks
 

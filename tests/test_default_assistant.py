@@ -77,3 +77,19 @@ def test_yes_no_questions_follow_what_the_experts_found(default_app: ChatApp) ->
                                         everything, 0.0, 1.0, 24)
     assert "Findings check: no (dog not listed)" in details["prompt"]
     assert dog.lower().startswith("no"), dog
+
+
+def test_colour_and_name_questions_are_answered_from_the_detail_lookups(default_app: ChatApp) -> None:
+    """experts/lookup.py: the detector's colour of the bus (blue in bus.jpg) and OCR's text block that
+    names the theatre on the French sign ("Theatre du Palais-Royal", set over two lines) reach the model
+    only under the questions that ask for them, and it answers from them."""
+    everything = default_app.expert_names
+    colour, details = default_app.api_chat(fixture_path("images/bus.jpg"), "What colour is the bus?", [],
+                                           everything, 0.0, 1.0, 24)
+    assert "Colours: " in details["context"] and "Colours" not in details["prompt"]  # on the panel, not shown
+    assert "Findings check: the bus is blue." in details["prompt"]
+    assert "blue" in colour.lower(), colour
+    theatre, details = default_app.api_chat(fixture_path("images/ocr_french.jpg"),
+                                            "Which theatre is named on the bottom sign?", [], everything, 0.0, 1.0, 24)
+    assert "Findings check: the text naming the theatre: " in details["prompt"]
+    assert "palais-royal" in theatre.lower(), theatre

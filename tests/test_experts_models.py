@@ -57,6 +57,19 @@ def test_detection_threshold_and_second_image(detector):
     assert zidane.context.startswith("Objects detected: 2 people (")
 
 
+def test_each_detected_object_gets_the_colour_it_shows(detector):
+    """Colours as the photos show them: the blue bus, the red motorcycle, the orange tabby cat."""
+    from test_classification import skimage_photo
+
+    bus = detector.run(image("bus.jpg"))
+    assert next(d for d in bus.data["detections"] if d["label"] == "bus")["colour"] == "blue"
+    assert bus.context.splitlines()[1].startswith("Colours: people: ") and "; bus: blue." in bus.context
+    motorcycle = detector.run(skimage_photo("motorcycle_left.png").convert("RGB"))
+    assert motorcycle.context.splitlines()[1] == "Colours: motorcycle: red."
+    cat = detector.run(skimage_photo("chelsea.png").convert("RGB"))
+    assert cat.data["detections"][0]["label"] == "cat" and cat.data["detections"][0]["colour"] in ("orange", "brown")
+
+
 def test_ultralytics_was_imported_offline(detector):
     detector._load()
     import ultralytics.utils as uu
@@ -88,6 +101,16 @@ def test_rapidocr_reads_street_signs(rapid_ocr):
 def test_rapidocr_reads_tilted_french_signs(rapid_ocr):
     text = rapid_ocr.run(image("ocr_french.jpg")).data["text"].lower()
     assert "louvre" in text and "palais" in text
+
+
+def test_names_set_over_two_lines_are_joined_into_text_blocks(rapid_ocr):
+    """The README's texts that a sign or poster sets over two lines come back as one block each: the
+    poster's "World Health Organization", the French sign's "Theatre du Palais-Royal"."""
+    poster = rapid_ocr.run(image("ocr_english.png")).context.splitlines()
+    assert poster[-1].startswith("Text blocks: ") and '"World Health Organization"' in poster[-1]
+    signs = rapid_ocr.run(image("ocr_french.jpg")).context.splitlines()
+    assert signs[-1].startswith("Text blocks: ") and '"theatre du palais-royal"' in signs[-1].lower()
+    assert all(line.startswith('"') for line in signs[:-1])  # the lines themselves, unchanged
 
 
 def test_auto_ocr_uses_rapidocr_without_easyocr_files(rapid_ocr, tmp_path):

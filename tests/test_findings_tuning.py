@@ -110,5 +110,5 @@ def test_a_tuned_adapter_where_the_command_writes_it_is_smollm2s_default(smoke_a
     assert resolve_style("auto", loaded.adapter_config) == "prose-tuned"
     plain, plain_card = options.ModelOptions(model="smollm2", adapter="none", device="cpu").load_with_card()
     assert plain_card.name == "SmolLM2-135M-Instruct" and plain.adapter_config == {}
-    assert resolve_style("auto", plain.adapter_config) == "prose-checked"
+    assert resolve_style("auto", plain.adapter_config) == "prose-lookup"
     assert resolve_style("prose", loaded.adapter_config) == "prose"

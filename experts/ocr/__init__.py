@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from ..base import Expert, Output
 from .easy_backend import EasyOCRBackend, EasyOCRConfig
-from .layout import TextBox, TextLine, reading_order
+from .layout import TextBox, TextLine, reading_order, text_blocks
 from .rapid_backend import RapidOCRBackend, RapidOCRConfig
 
 BackendChoice = Literal["auto", "easyocr", "rapidocr"]
@@ -79,8 +79,9 @@ class OCRExpert(Expert):
             raise RuntimeError(reason)
         boxes = chosen.read(image)
         lines = reading_order(boxes)
+        blocks = describe_blocks(text_blocks(lines[: self.max_lines]))
         return Output(
-            context=describe_lines(lines, self.max_lines),
+            context="\n".join(filter(None, (describe_lines(lines, self.max_lines), blocks))),
             data={
                 "backend": chosen.name,
                 "text": "\n".join(line.text for line in lines),
@@ -109,6 +110,13 @@ def describe_lines(lines: Sequence[TextLine], max_lines: int) -> str:
     if len(lines) > max_lines:
         shown.append(f"(and {len(lines) - max_lines} more lines)")
     return "\n".join(shown)
+
+
+def describe_blocks(blocks: Sequence[Sequence[TextLine]]) -> str:
+    """'Text blocks: "World Health Organization"; "Theatre du PALAIS-ROYAL".': the blocks of more than one
+    line, each joined into one string (a detail line, experts/context.py); '' when there are none."""
+    joined = [" ".join(line.text for line in block) for block in blocks if len(block) > 1]
+    return "Text blocks: " + "; ".join(f'"{text}"' for text in joined) + "." if joined else ""
 
 
 __all__ = [

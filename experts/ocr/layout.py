@@ -113,3 +113,38 @@ def reading_order(boxes: Sequence[TextBox]) -> list[TextLine]:
     """Lines top to bottom, each left to right; empty texts dropped."""
     kept = [b for b in boxes if b.text.strip()]
     return [TextLine(join_row(row), tuple(row)) for row in group_rows(kept)]
+
+
+def text_blocks(lines: Sequence[TextLine], gap: float = 0.5, height_ratio: float = 1.6,
+                overlap: float = 0.5) -> list[list[TextLine]]:
+    """Lines that read as one piece of text set over several lines (a name on a sign: "World Health" over
+    "Organization"), in reading order. A line continues the block of the nearest line above it when the
+    space between them is at most `gap` x the taller line's height, their heights differ by at most
+    `height_ratio`, and they share at least `overlap` of the narrower one's width. Lines of two signs
+    side by side (" | ") stay alone."""
+    blocks: list[list[TextLine]] = []
+    block_of: dict[int, int] = {}  # index of a line -> index of its block
+    for j, line in enumerate(lines):
+        x0, y0, x1, y1 = line.box
+        height = y1 - y0
+        above = None
+        if " | " not in line.text:
+            for i in range(j - 1, -1, -1):
+                prev = lines[i]
+                px0, py0, px1, py1 = prev.box
+                prev_height = py1 - py0
+                shared = min(x1, px1) - max(x0, px0)
+                if (" | " not in prev.text and 0 <= y0 - py1 + 0.25 * min(height, prev_height)
+                        and y0 - py1 <= gap * max(height, prev_height)
+                        and max(height, prev_height) <= height_ratio * max(min(height, prev_height), 1.0)
+                        and shared >= overlap * min(x1 - x0, px1 - px0)
+                        and blocks[block_of[i]][-1] is prev):
+                    above = i
+                    break
+        if above is None:
+            block_of[j] = len(blocks)
+            blocks.append([line])
+        else:
+            block_of[j] = block_of[above]
+            blocks[block_of[above]].append(line)
+    return blocks
