@@ -180,7 +180,7 @@ class Prompting:
 
 def prompting_for(fmt: PromptFormat, style: str = DEFAULT_STYLE) -> Prompting:
     """For a base with a chat template, the chosen style; the Alpaca template (released adapters, the
-    demo model) keeps the tagged lines its models were trained with."""
+    demo model) keeps the tagged lines its models were trained with, without the detail lines."""
     if not isinstance(fmt, ChatTemplateFormat):
         return Prompting(fmt, without_details)
     try:

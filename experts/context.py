@@ -58,7 +58,8 @@ def build_context(
     """Context block from results (in priority order) that counts at most `max_tokens`.
 
     Failed and unavailable results contribute no text (the model should not read error
-    messages) and are listed in `skipped`. If lines had to be cut, the last line says which.
+    messages) and are listed in `skipped`. If lines had to be cut, the last line says which. Detail
+    lines (below) come after every expert's other lines.
     """
     skipped = {r.name: (r.error or r.status) for r in results if not r.ok}
     per_expert = {r.name: _lines(r) for r in results if r.ok}
@@ -87,6 +88,9 @@ def build_context(
     for name in per_expert:  # pass 1: every expert's first line
         try_add(name)
     for name in per_expert:  # pass 2: further lines in reading order, while they fit
+        while kept[name] < totals[name] and not is_detail(per_expert[name][kept[name]]) and try_add(name):
+            pass
+    for name in per_expert:  # pass 3: detail lines (each expert's last), only with room left
         while kept[name] < totals[name] and try_add(name):
             pass
 

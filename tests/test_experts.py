@@ -231,6 +231,18 @@ def test_context_with_tiny_budget_and_custom_counter():
     assert "[context] cut for length: detection (1 of 1 line), ocr (20 of 20 lines)" in block.text
 
 
+def test_detail_lines_get_room_only_after_every_experts_other_lines():
+    results = [ExpertResult("detection", "ok", context="Objects detected: 1 bus (centre).\nColours: bus: blue."),
+               ExpertResult("ocr", "ok", context='"CERO"\n"EMISIONES ELECTRIC BUS OF MADRID"\n'
+                                                 'Text blocks: "CERO EMISIONES ELECTRIC BUS OF MADRID".')]
+    everything = build_context(results, max_tokens=10_000, count_tokens=len).text
+    without = "\n".join(line for line in everything.splitlines() if "Colours" not in line and "blocks" not in line)
+    cut_note = "\n[context] cut for length: detection (1 of 2 lines), ocr (1 of 3 lines)"
+    block = build_context(results, max_tokens=len(without + cut_note), count_tokens=len)
+    # both OCR lines are kept before the detection's colours, though detection comes first
+    assert block.text == without + cut_note and block.dropped == {"detection": 1, "ocr": 1}
+
+
 # -- detection helpers (the model itself is in test_experts_models.py) ------------------------
 
 def test_plurals_and_counts():

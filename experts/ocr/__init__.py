@@ -121,5 +121,5 @@ def describe_blocks(blocks: Sequence[Sequence[TextLine]]) -> str:
 
 __all__ = [
     "OCRExpert", "OCRBackend", "EasyOCRBackend", "EasyOCRConfig", "RapidOCRBackend", "RapidOCRConfig",
-    "TextBox", "TextLine", "reading_order", "describe_lines",
+    "TextBox", "TextLine", "reading_order", "describe_lines", "describe_blocks", "text_blocks",
 ]
