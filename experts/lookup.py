@@ -35,6 +35,9 @@ _WHICH = re.compile(r"^\s*(?:which|what)\s+([a-z]+)\b", re.IGNORECASE)
 NOT_KINDS = QUESTION_VERBS | TEXT_WORDS | SCENE_WORDS | {"kind", "type", "sort", "name", "colour", "color",
                                                          "number", "time"}
 _EDGE = " '\"‘’“”,.;:!?"
+# The words of a colour question that names nothing ("What colour is it?", "Which colours are in this photo?").
+_PLAIN_COLOUR_QUESTION = {"what", "which", "colour", "color", "colours", "colors", "is", "are", "it", "this", "that",
+                          "they", "these", "those", "the", "a", "an", "in", "of", "main", "mostly", "mainly"} | SCENE_WORDS
 
 
 def _details(findings: str, lead: str) -> list[str]:
@@ -65,7 +68,8 @@ def _names_thing(name: str, thing: str) -> bool:
 def colour_check(question: str, findings: str) -> str | None:
     """'Findings check: the motorcycle is red.' under a question about colour ("What colour is the
     motorcycle?", "Is the bus blue?"), for the first thing it names that the colours line lists; with no
-    such thing and one kind of object listed ("What colour is it?"), that kind's colour."""
+    such thing, one kind of object listed and a question that names nothing ("What colour is it?"), that
+    kind's colour ("What colour is the sky?" gets no line)."""
     words = _WORD.findall(question.lower())
     if not (_ASKS_COLOUR.search(question) or (_YES_NO.match(question) and COLOUR_WORDS.intersection(words))):
         return None
@@ -81,7 +85,7 @@ def colour_check(question: str, findings: str) -> str | None:
     things = [singular(w) for w in words if (singular(w) in vocabulary or w in vocabulary)
               and singular(w) not in SCENE_WORDS and w not in QUESTION_VERBS and w not in COLOUR_WORDS]
     found = next(((name, value) for thing in things for name, value in entries if _names_thing(name, thing)), None)
-    if found is None and len(entries) == 1:
+    if found is None and len(entries) == 1 and not set(words) - _PLAIN_COLOUR_QUESTION:  # "What colour is it?"
         found = entries[0]
     if found is None:
         return None

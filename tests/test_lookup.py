@@ -52,6 +52,8 @@ def test_a_question_about_colour_gets_the_colour_of_the_thing_it_names(findings:
 def test_with_one_kind_of_object_what_colour_is_it_gets_that_kind() -> None:
     one = "[detection] Objects detected: 1 cat (centre).\n[detection] Colours: cat: orange."
     assert colour_check("What colour is it?", one) == "Findings check: the cat is orange."
+    assert colour_check("What colour is the sky?", one) is None  # names something else, that nothing lists
+    assert colour_check("What colour is the text?", one) is None
     assert colour_check("What colour is it?", "[detection] Objects detected: 1 cat (centre).") is None  # no colours
 
 
