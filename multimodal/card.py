@@ -56,5 +56,5 @@ def smollm2_card(adapter: str | None, tuned: bool = False) -> ModelCard:
     how = ", bias-tuned by this project to answer from them," if tuned else ""
     return ModelCard(name="SmolLM2-135M-Instruct" + (" (tuned on findings)" if tuned else ""), short="SmolLM2-135M",
                      summary=("a small chat model (135M parameters) that does not see the image itself: it answers "
-                              f"from the experts' findings (objects, text, image class){how} so it can count, read and "
-                              "name what they report, not describe what they miss"), photos=True)
+                              f"from the experts' findings (objects and their colours, text, image class){how} so it can "
+                              "count, read and name what they report, not describe what they miss"), photos=True)
