@@ -44,14 +44,10 @@ def main_colour(image: Image.Image, box: Sequence[float] | None = None) -> str:
         bright = float(np.median(val))
         return "black" if bright < 0.25 else "white" if bright > 0.75 else "grey"
     names = _hue_name(hue[coloured])
-    votes = np.bincount(names, minlength=len(_HUES))
-    votes[0] += votes[-1]  # the two ends of red are one colour
-    votes[-1] = 0
-    best = int(votes.argmax())
-    name = _HUES[best][1]
-    if name in ("red", "orange"):  # dark, muted red or orange reads as brown
-        chosen = coloured.copy()
-        chosen[coloured] = np.isin(names, (best, len(_HUES) - 1) if best == 0 else (best,))
-        if float(np.median(val[chosen])) < 0.55 and float(np.median(sat[chosen])) < 0.75:
+    names[names == len(_HUES) - 1] = 0  # the two ends of red are one colour
+    best = int(np.bincount(names).argmax())
+    if _HUES[best][1] in ("red", "orange"):  # dark, muted red or orange reads as brown
+        winners = names == best
+        if float(np.median(val[coloured][winners])) < 0.55 and float(np.median(sat[coloured][winners])) < 0.75:
             return "brown"
-    return name
+    return _HUES[best][1]

@@ -19,9 +19,9 @@ from __future__ import annotations
 import re
 
 from .colour import COLOUR_WORDS
-from .context import DETAIL_LEADS, is_detail
-from .presence import (PERSON_WORDS, QUESTION_VERBS, SCENE_WORDS, TEXT_WORDS, check as check_presence,
-                       listed_items, object_words, singular)
+from .context import DETAIL_LEADS
+from .presence import (QUESTION_VERBS, SCENE_WORDS, TEXT_WORDS, check as check_presence, listed_items,
+                       names_thing, object_words, singular)
 
 _COLOURS_LEAD, _BLOCKS_LEAD = DETAIL_LEADS
 _TAG = re.compile(r"^\[\w+\]\s*")
@@ -36,8 +36,9 @@ NOT_KINDS = QUESTION_VERBS | TEXT_WORDS | SCENE_WORDS | {"kind", "type", "sort",
                                                          "number", "time"}
 _EDGE = " '\"‘’“”,.;:!?"
 # The words of a colour question that names nothing ("What colour is it?", "Which colours are in this photo?").
-_PLAIN_COLOUR_QUESTION = {"what", "which", "colour", "color", "colours", "colors", "is", "are", "it", "this", "that",
-                          "they", "these", "those", "the", "a", "an", "in", "of", "main", "mostly", "mainly"} | SCENE_WORDS
+_PLAIN_COLOUR_QUESTION = {"what", "which", "colour", "color", "colours", "colors", "is", "are", "it", "this",
+                          "that", "they", "these", "those", "the", "a", "an", "in", "of", "main", "mostly",
+                          "mainly"} | SCENE_WORDS
 
 
 def _details(findings: str, lead: str) -> list[str]:
@@ -45,24 +46,13 @@ def _details(findings: str, lead: str) -> list[str]:
     out = []
     for line in findings.splitlines():
         text = _TAG.sub("", line.strip())
-        if is_detail(text) and text.startswith(lead):
+        if text.startswith(lead):
             out.append(text[len(lead):].strip().rstrip("."))
     return out
 
 
 def _words(text: str) -> list[str]:
     return [singular(w) for w in _WORD.findall(text.lower())]
-
-
-def _names_thing(name: str, thing: str) -> bool:
-    """Whether a detector label (or its plural) names the thing asked about: by its last word."""
-    words = _words(name)
-    if not words:
-        return False
-    head = words[-1]
-    if thing in PERSON_WORDS:
-        return head in PERSON_WORDS
-    return head == thing or (len(thing) > 2 and head.endswith(thing))
 
 
 def colour_check(question: str, findings: str) -> str | None:
@@ -84,7 +74,8 @@ def colour_check(question: str, findings: str) -> str | None:
     vocabulary = object_words()
     things = [singular(w) for w in words if (singular(w) in vocabulary or w in vocabulary)
               and singular(w) not in SCENE_WORDS and w not in QUESTION_VERBS and w not in COLOUR_WORDS]
-    found = next(((name, value) for thing in things for name, value in entries if _names_thing(name, thing)), None)
+    found = next(((name, value) for thing in things for name, value in entries
+                  if names_thing(name, "name", thing)), None)
     if found is None and len(entries) == 1 and not set(words) - _PLAIN_COLOUR_QUESTION:  # "What colour is it?"
         found = entries[0]
     if found is None:

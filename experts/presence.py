@@ -160,7 +160,7 @@ def listed_items(findings: str) -> list[tuple[str, str]]:
     return items
 
 
-def _names(item: str, kind: str, thing: str) -> bool:
+def names_thing(item: str, kind: str, thing: str) -> bool:
     """Whether a listed item names the thing: a name by its head word, free text by any of its words."""
     if kind == "free":
         words = {singular(w) for w in _WORD.findall(item.lower())}
@@ -192,7 +192,7 @@ def check(question: str, findings: str | None) -> str | None:
             hits[thing] = "text was read" if any(kind == "text" for _, kind in items) else None
         else:
             hits[thing] = next((item if kind == "name" else "mentioned" for item, kind in items
-                                if kind != "text" and _names(item, kind, thing)), None)
+                                if kind != "text" and names_thing(item, kind, thing)), None)
     if _HOW_MANY.match(question):  # the count of the first thing asked about ("how many men with hats")
         first = hits[things[0]]
         return f"Findings check: {first}." if first else f"Findings check: no {things[0]} listed."
