@@ -125,6 +125,18 @@ def is_detail(line: str) -> bool:
     return (m[2] if m else line.strip()).startswith(DETAIL_LEADS)
 
 
+def detail_texts(block: str, lead: str) -> list[str]:
+    """What follows `lead` ("Colours:") in each detail line of the block that starts with it, tagged or
+    not, without its final full stop."""
+    out = []
+    for line in block.splitlines():
+        m = _TAG.match(line.strip())
+        text = m[2] if m else line.strip()
+        if text.startswith(lead):
+            out.append(text[len(lead):].strip().rstrip("."))
+    return out
+
+
 def without_details(block: str) -> str:
     """The context without its detail lines: what a prompt shows of the findings."""
     return "\n".join(line for line in block.splitlines() if not is_detail(line))

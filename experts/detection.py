@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -167,6 +167,15 @@ def class_counts(found: list[dict[str, Any]]) -> dict[str, int]:
     return dict(counts)
 
 
+def by_class(found: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The detections grouped by label, classes ordered by count, then by best score (most salient
+    first); within a class, in the order given."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for det in found:
+        groups[det["label"]].append(det)
+    return sorted(groups.items(), key=lambda kv: (-len(kv[1]), -max(d["score"] for d in kv[1])))
+
+
 def describe_detections(found: list[dict[str, Any]]) -> str:
     """'Objects detected: 4 people (2 bottom left, 2 bottom right), 1 bus (centre).'
 
@@ -174,36 +183,23 @@ def describe_detections(found: list[dict[str, Any]]) -> str:
     """
     if not found:
         return "No objects detected."
-    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for det in found:
-        by_label[det["label"]].append(det)
-    ordered = sorted(by_label.items(), key=lambda kv: (-len(kv[1]), -max(d["score"] for d in kv[1])))
     parts = [f"{count_phrase(len(dets), label)} ({regions_phrase(d['position'] for d in dets)})"
-             for label, dets in ordered]
+             for label, dets in by_class(found)]
     return "Objects detected: " + ", ".join(parts) + "."
 
 
 def describe_colours(found: list[dict[str, Any]]) -> str:
     """'Colours: bus: blue; people: 2 black, 1 white.' (a detail line, experts/context.py): each class's
     objects' main colours, classes in the order of `describe_detections`; '' when nothing was found."""
-    by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for det in found:
-        if det.get("colour"):
-            by_label[det["label"]].append(det)
-    if not by_label:
-        return ""
-    ordered = sorted(by_label.items(), key=lambda kv: (-len(kv[1]), -max(d["score"] for d in kv[1])))
     parts = []
-    for label, dets in ordered:
+    for label, dets in by_class([det for det in found if det.get("colour")]):
         if len(dets) == 1:
             parts.append(f"{label}: {dets[0]['colour']}")
             continue
-        counts: dict[str, int] = defaultdict(int)
-        for det in dets:  # by score, so the most certain object's colour comes first among equals
-            counts[det["colour"]] += 1
-        ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+        # most common first; among equals, the colour of the more certain object (found is by score)
+        ranked = Counter(det["colour"] for det in dets).most_common()
         parts.append(f"{plural(label)}: " + ", ".join(f"{n} {colour}" for colour, n in ranked))
-    return "Colours: " + "; ".join(parts) + "."
+    return "Colours: " + "; ".join(parts) + "." if parts else ""
 
 
 _PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180),

@@ -19,12 +19,11 @@ from __future__ import annotations
 import re
 
 from .colour import COLOUR_WORDS
-from .context import DETAIL_LEADS
+from .context import DETAIL_LEADS, detail_texts
 from .presence import (QUESTION_VERBS, SCENE_WORDS, TEXT_WORDS, check as check_presence, listed_items,
                        names_thing, object_words, singular)
 
 _COLOURS_LEAD, _BLOCKS_LEAD = DETAIL_LEADS
-_TAG = re.compile(r"^\[\w+\]\s*")
 _WORD = re.compile(r"[a-z]+")
 _QUOTED = re.compile(r'"([^"]+)"')
 _YES_NO = re.compile(r"^\s*(is|are|was|were|does|do)\b", re.IGNORECASE)
@@ -41,16 +40,6 @@ _PLAIN_COLOUR_QUESTION = {"what", "which", "colour", "color", "colours", "colors
                           "mainly"} | SCENE_WORDS
 
 
-def _details(findings: str, lead: str) -> list[str]:
-    """The text after `lead` of every detail line that starts with it (tagged or not)."""
-    out = []
-    for line in findings.splitlines():
-        text = _TAG.sub("", line.strip())
-        if text.startswith(lead):
-            out.append(text[len(lead):].strip().rstrip("."))
-    return out
-
-
 def _words(text: str) -> list[str]:
     return [singular(w) for w in _WORD.findall(text.lower())]
 
@@ -64,7 +53,7 @@ def colour_check(question: str, findings: str) -> str | None:
     if not (_ASKS_COLOUR.search(question) or (_YES_NO.match(question) and COLOUR_WORDS.intersection(words))):
         return None
     entries = []
-    for line in _details(findings, _COLOURS_LEAD):
+    for line in detail_texts(findings, _COLOURS_LEAD):
         for part in line.split(";"):
             name, _, value = part.partition(":")
             if name.strip() and value.strip():
@@ -99,7 +88,7 @@ def naming_check(question: str, findings: str) -> str | None:
     kind = singular(word)
     if word in NOT_KINDS or kind in NOT_KINDS:
         return None
-    blocks = [t for line in _details(findings, _BLOCKS_LEAD) for t in _QUOTED.findall(line)]
+    blocks = [t for line in detail_texts(findings, _BLOCKS_LEAD) for t in _QUOTED.findall(line)]
     lines = []
     for item, kind_of in listed_items(findings):
         if kind_of == "text":
